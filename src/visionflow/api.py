@@ -1,0 +1,302 @@
+"""The Python API: :class:`AutoClassifier` to train, :func:`load` to use a trained model."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.console import Console
+
+from visionflow._io import read_json
+from visionflow.config import TrainConfig, load_train_config
+from visionflow.data.checks import check_dataset
+from visionflow.data.images import IMAGE_EXTENSIONS, load_image
+from visionflow.data.preprocess import Preprocessing
+from visionflow.data.readers import read_dataset
+from visionflow.data.transforms import eval_transform
+from visionflow.errors import CheckpointError, ConfigError, DataError
+from visionflow.evaluate.metrics import classification_metrics
+from visionflow.models.backbones import create_backbone
+from visionflow.models.heads import LinearHead, TaskModel
+from visionflow.train.checkpoint import load_weights
+from visionflow.train.device import configure_threads, select_device
+from visionflow.train.recipe import RunResult, train_classifier
+
+__all__ = ["AutoClassifier", "ClassifierModel", "Prediction", "expand_inputs", "load"]
+
+ImageInput = str | Path | Image.Image | np.ndarray
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's prediction: the top label, its probability and the top-k alternatives."""
+
+    source: str
+    label: str
+    probability: float
+    topk: list[tuple[str, float]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "label": self.label,
+            "probability": self.probability,
+            "topk": [{"label": lbl, "probability": p} for lbl, p in self.topk],
+        }
+
+
+def expand_inputs(items: Iterable[str | Path]) -> list[Path]:
+    """Paths as given, with directories expanded (recursively) to the image files inside."""
+    out: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            out.extend(found)
+        else:
+            out.append(path)
+    return out
+
+
+def _to_image(item: ImageInput, max_pixels: int) -> tuple[Image.Image, str]:
+    if isinstance(item, Image.Image):
+        return item.convert("RGB"), "<PIL.Image>"
+    if isinstance(item, np.ndarray):
+        arr = item
+        if arr.dtype != np.uint8:
+            scale = 255.0 if arr.size and float(np.nanmax(arr)) <= 1.0 else 1.0
+            arr = np.clip(arr.astype(np.float64) * scale, 0, 255).astype(np.uint8)
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, axis=-1)
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+            raise DataError(f"array of shape {item.shape} is not an HxW or HxWxC image")
+        if arr.shape[2] == 1:
+            arr = np.repeat(arr, 3, axis=2)
+        return Image.fromarray(arr[:, :, :3]), "<array>"
+    return load_image(item, max_pixels=max_pixels), str(item)
+
+
+class ClassifierModel:
+    """A trained classifier loaded from a run directory; predicts on the CPU or GPU.
+
+    Use :func:`load` rather than the constructor.
+    """
+
+    def __init__(
+        self,
+        model: TaskModel,
+        classes: Sequence[str],
+        preprocessing: Preprocessing,
+        *,
+        run_dir: Path | None = None,
+        device: torch.device | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.classes = list(classes)
+        self.preprocessing = preprocessing
+        self.run_dir = run_dir
+        self.device = device or torch.device("cpu")
+        self.info = dict(info or {})
+        self._transform = eval_transform(preprocessing)
+        self.model.to(self.device).eval()
+        self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, *, device: str = "auto") -> ClassifierModel:
+        run = Path(run_dir)
+        if not (run / "model.json").is_file() or not (run / "model.safetensors").is_file():
+            raise CheckpointError(
+                f"{run} holds no trained model (model.json / model.safetensors missing); "
+                "was the run finished? `visionflow train --resume` continues a killed one"
+            )
+        info = read_json(run / "model.json")
+        if info.get("task") != "classify":
+            raise CheckpointError(f"{run}: task {info.get('task')!r} is not classification")
+        configure_threads()
+        backbone = create_backbone(info["backbone"], weights=None)
+        head = LinearHead(int(info["feature_dim"]), len(info["classes"]))
+        model = TaskModel(backbone, head)
+        load_weights(run / "model.safetensors", model)
+        pre = Preprocessing.from_json(info["preprocessing"])
+        return cls(
+            model, info["classes"], pre, run_dir=run, device=select_device(device), info=info
+        )
+
+    def _batches(
+        self, items: Sequence[ImageInput], batch_size: int, max_pixels: int
+    ) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            tensors, names = [], []
+            for item in chunk:
+                image, name = _to_image(item, max_pixels)
+                tensors.append(self._transform(image))
+                names.append(name)
+            yield torch.stack(tensors), names
+
+    @torch.inference_mode()
+    def predict_proba(
+        self,
+        inputs: ImageInput | Sequence[ImageInput],
+        *,
+        batch_size: int = 32,
+        max_pixels: int = 64_000_000,
+    ) -> np.ndarray:
+        """Class probabilities, one row per input (columns in :attr:`classes` order)."""
+        items = _as_list(inputs)
+        rows = []
+        for batch, _ in self._batches(items, batch_size, max_pixels):
+            x = batch.to(self.device).contiguous(memory_format=torch.channels_last)
+            rows.append(torch.softmax(self.model(x).float(), dim=1).cpu())
+        if not rows:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        return torch.cat(rows).numpy()
+
+    def predict(
+        self, inputs: ImageInput | Sequence[ImageInput], *, topk: int = 3, batch_size: int = 32
+    ) -> list[Prediction]:
+        """Top label, probability and top-k alternatives per input."""
+        items = _as_list(inputs)
+        probs = self.predict_proba(items, batch_size=batch_size)
+        k = max(1, min(topk, len(self.classes)))
+        out = []
+        for item, row in zip(items, probs, strict=True):
+            order = np.argsort(-row)[:k]
+            source = str(item) if isinstance(item, str | Path) else type(item).__name__
+            out.append(
+                Prediction(
+                    source=source,
+                    label=self.classes[int(order[0])],
+                    probability=float(row[order[0]]),
+                    topk=[(self.classes[int(i)], float(row[i])) for i in order],
+                )
+            )
+        return out
+
+    def evaluate(self, data: str | Path, *, batch_size: int = 32) -> dict[str, Any]:
+        """Metrics on a labelled dataset (same class names); unreadable files are skipped."""
+        index = read_dataset(data)
+        report, clean = check_dataset(index)
+        unknown = sorted({s.label for s in clean.samples if s.label not in self.classes} - {None})
+        if unknown:
+            raise DataError(
+                f"{data}: labels {unknown} are not classes of this model ({self.classes})"
+            )
+        samples = [s for s in clean.samples if s.label is not None]
+        if not samples:
+            raise DataError(f"{data}: no labelled, readable images to evaluate on")
+        probs = self.predict_proba([s.path for s in samples], batch_size=batch_size)
+        mapping = {c: i for i, c in enumerate(self.classes)}
+        y = np.array([mapping[s.label] for s in samples if s.label is not None])
+        metrics = classification_metrics(y, probs, self.classes)
+        metrics["skipped"] = [b.__dict__ for b in report.unreadable]
+        return metrics
+
+
+def _as_list(inputs: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    if isinstance(inputs, str | Path | Image.Image | np.ndarray):
+        return [inputs]
+    return list(inputs)
+
+
+def load(path: str | Path, *, device: str = "auto") -> ClassifierModel:
+    """Load a trained model from a run directory (``runs/<name>``)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist")
+    if p.is_dir():
+        return ClassifierModel.from_run(p, device=device)
+    raise CheckpointError(f"{p}: expected a run directory")
+
+
+def default_run_name(data: str | Path) -> str:
+    """``<dataset folder>-<YYYYmmdd-HHMMSS>``, filesystem-safe."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(data).resolve().name or "data").strip("-")
+    return f"{stem or 'data'}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+class AutoClassifier:
+    """Train an image classifier within a time budget.
+
+    Example::
+
+        clf = visionflow.AutoClassifier(budget="10m").fit("data/flowers")
+        clf.evaluate("data/flowers_test")
+        clf.predict(["a.jpg", "b.jpg"])
+
+    Args:
+        budget: Wall-clock budget such as ``"10m"`` (``None``: no limit).
+        preset: ``fast``, ``medium`` or ``best``.
+        config: A YAML/JSON settings file.
+        runs_dir: Parent directory of run directories.
+        name: Run name (default: dataset name plus a timestamp).
+        verbose: Print progress and the data report to the terminal.
+        **settings: Any :class:`~visionflow.config.TrainConfig` field (``backbone``,
+            ``img_size``...).
+    """
+
+    def __init__(
+        self,
+        *,
+        budget: str | float | None = "10m",
+        preset: str | None = None,
+        config: str | Path | None = None,
+        runs_dir: str | Path = "runs",
+        name: str | None = None,
+        verbose: bool = False,
+        **settings: Any,
+    ) -> None:
+        self.budget = budget
+        self.preset = preset
+        self.config = config
+        self.runs_dir = runs_dir
+        self.name = name
+        self.verbose = verbose
+        self.settings = settings
+
+    def _resolved_config(self) -> TrainConfig:
+        overrides = dict(self.settings)
+        overrides["budget"] = str(self.budget) if self.budget is not None else None
+        return load_train_config(preset=self.preset, file=self.config, overrides=overrides)
+
+    def fit(self, data: str | Path) -> AutoClassifier:
+        """Check the data, train and evaluate; the run lands in ``runs_dir/name``."""
+        cfg = self._resolved_config()
+        name = self.name or default_run_name(data)
+        console = Console(stderr=True) if self.verbose else None
+        self.result_: RunResult = train_classifier(
+            data, cfg, run_dir=Path(self.runs_dir) / name, console=console
+        )
+        self.run_dir_ = self.result_.run_dir
+        self.model_ = ClassifierModel.from_run(self.run_dir_, device=cfg.device)
+        self.classes_ = self.model_.classes
+        return self
+
+    def _fitted(self) -> ClassifierModel:
+        if not hasattr(self, "model_"):
+            raise ConfigError("this AutoClassifier is not fitted yet; call .fit(data) first")
+        return self.model_
+
+    def predict(self, inputs: ImageInput | Sequence[ImageInput]) -> list[str]:
+        """Predicted labels (paths, PIL images or HxW[xC] arrays)."""
+        return [p.label for p in self._fitted().predict(inputs, topk=1)]
+
+    def predict_proba(self, inputs: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+        return self._fitted().predict_proba(inputs)
+
+    def evaluate(self, data: str | Path) -> dict[str, Any]:
+        return self._fitted().evaluate(data)

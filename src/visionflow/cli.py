@@ -1,0 +1,356 @@
+"""The ``visionflow`` command line: each command is a few lines over the library.
+
+Exit codes: 0 success, 1 unexpected error, 2 bad settings, 3 data problem, 4 weights problem,
+5 run/checkpoint problem, 6 missing optional dependency, 130 interrupted (resume with
+``--resume``). ``predict`` exits 3 when some inputs could not be read (the rest are printed).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from enum import StrEnum
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from visionflow import __version__
+from visionflow.errors import VisionflowError
+
+app = typer.Typer(
+    name="visionflow",
+    help="Offline-first AutoML for computer vision: from labelled images to an evaluated model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _handle_errors(func: F) -> F:
+    """Turn library errors into one red line and the error's exit code, no traceback."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except VisionflowError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"visionflow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print version.")
+    ] = False,
+) -> None:
+    """visionflow: offline-first AutoML for computer vision."""
+
+
+@app.command()
+@_handle_errors
+def train(
+    data: Annotated[
+        Path | None, typer.Argument(help="Dataset: a folder per class, or a CSV/TSV of path,label.")
+    ] = None,
+    budget: Annotated[
+        str | None, typer.Option(help="Wall-clock budget, e.g. 90s, 10m, 1h30m (default 10m).")
+    ] = None,
+    preset: Annotated[str | None, typer.Option(help="fast, medium or best.")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML/JSON settings file.")
+    ] = None,
+    backbone: Annotated[str | None, typer.Option(help="timm model name.")] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(help="Pretrained weights: auto, package, hub, none, or a file/directory."),
+    ] = None,
+    img_size: Annotated[
+        int | None, typer.Option(help="Input size in pixels (default: the weights' own).")
+    ] = None,
+    strategy: Annotated[
+        str | None, typer.Option(help="auto (probe, then fine-tune), lpft, finetune or probe.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Upper bound on fine-tune epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Head learning rate.")] = None,
+    augment: Annotated[
+        str | None, typer.Option(help="Augmentation policy: none, light, medium, heavy.")
+    ] = None,
+    hflip: Annotated[
+        bool | None, typer.Option("--hflip/--no-hflip", help="Random horizontal flips.")
+    ] = None,
+    mixup: Annotated[float | None, typer.Option(help="MixUp alpha (0 = off).")] = None,
+    cutmix: Annotated[float | None, typer.Option(help="CutMix alpha (0 = off).")] = None,
+    balance: Annotated[
+        str | None, typer.Option(help="Imbalance handling: auto, weights, sampler, none.")
+    ] = None,
+    split: Annotated[
+        Path | None, typer.Option("--split", help="An existing split (JSON or CSV path,split).")
+    ] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="Validation share.")] = None,
+    test_fraction: Annotated[float | None, typer.Option(help="Test share.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1, mps.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Parent folder of runs.")] = Path("runs"),
+    name: Annotated[str | None, typer.Option(help="Run name (default: data name + time).")] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue a killed run (its run directory).")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Check the data, train a classifier within the budget, evaluate it and write a report."""
+    from visionflow.api import default_run_name
+    from visionflow.config import load_train_config
+    from visionflow.train.recipe import train_classifier
+
+    console = None if json_out else err
+    if resume is not None:
+        run_dir = resume
+        cfg = None
+    else:
+        if data is None:
+            raise typer.BadParameter("give a DATA path, or --resume RUN")
+        overrides = {
+            "budget": budget, "backbone": backbone, "weights": weights, "img_size": img_size,
+            "strategy": strategy, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+            "augment": augment, "hflip": hflip, "mixup": mixup, "cutmix": cutmix,
+            "balance": balance, "split_file": str(split) if split else None,
+            "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
+            "device": device,
+        }  # fmt: skip
+        cfg = load_train_config(preset=preset, file=config, overrides=overrides)
+        run_dir = out_dir / (name or default_run_name(data))
+    from visionflow.config import TrainConfig
+
+    try:
+        result = train_classifier(
+            data, cfg or TrainConfig(), run_dir=run_dir, resume=resume is not None, console=console
+        )
+    except KeyboardInterrupt:
+        err.print(f"[yellow]interrupted[/]; continue with: visionflow train --resume {run_dir}")
+        raise typer.Exit(130) from None
+    if json_out:
+        payload = {
+            "run_dir": str(result.run_dir),
+            "chosen": result.chosen,
+            "seconds": result.seconds,
+            "report": str(result.report_path),
+            "metrics": {k: _headline(v) for k, v in result.metrics.items()},
+        }
+        out.print_json(json.dumps(payload))
+        return
+    _print_summary(result.metrics, result.run_dir, result.report_path, result.seconds)
+
+
+def _headline(m: dict[str, Any]) -> dict[str, Any]:
+    keys = ("n", "accuracy", "balanced_accuracy", "macro_f1", "ece")
+    return {k: m.get(k) for k in keys} | {"top_k": m.get("top_k", {})}
+
+
+def _print_summary(
+    metrics: dict[str, dict[str, Any]], run_dir: Path, report: Path, seconds: float
+) -> None:
+    from visionflow.train.budget import format_seconds
+
+    table = Table(title="Results", show_lines=False)
+    for col in ("split", "images", "accuracy", "balanced acc.", "macro-F1", "ECE"):
+        table.add_column(col, justify="right" if col != "split" else "left")
+    for split, m in metrics.items():
+        table.add_row(
+            split,
+            str(m.get("n")),
+            _pct(m.get("accuracy")),
+            _pct(m.get("balanced_accuracy")),
+            _pct(m.get("macro_f1")),
+            f"{m.get('ece', 0):.3f}" if m.get("ece") is not None else "n/a",
+        )
+    out.print(table)
+    out.print(f"run: [bold]{run_dir}[/]  ({format_seconds(seconds)})")
+    out.print(f"report: [bold]{report}[/]")
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+@app.command()
+@_handle_errors
+def predict(
+    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    images: Annotated[list[Path], typer.Argument(help="Images or folders (searched recursively).")],
+    fmt: Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")] = (
+        OutputFormat.table
+    ),
+    topk: Annotated[int, typer.Option(help="Alternatives per image.")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda...")] = "auto",
+) -> None:
+    """Predict the class of images with a trained run."""
+    from visionflow.api import expand_inputs, load
+    from visionflow.errors import ImageDecodeError
+
+    model = load(run, device=device)
+    paths = expand_inputs(images)
+    if not paths:
+        raise typer.BadParameter("no image files found in the given paths")
+    from visionflow.data.images import load_image
+
+    decoded, sources, failures = [], [], []
+    for path in paths:  # decode first, so one bad file fails alone and the rest are batched
+        try:
+            decoded.append(load_image(path))
+            sources.append(str(path))
+        except ImageDecodeError as exc:
+            failures.append({"source": str(path), "error": exc.reason})
+    results = [
+        replace(r, source=src)
+        for r, src in zip(
+            model.predict(decoded, topk=topk, batch_size=batch_size), sources, strict=True
+        )
+    ]
+    rows = [r.to_json() for r in results]
+    if fmt is OutputFormat.json:
+        out.print_json(json.dumps({"predictions": rows, "errors": failures}))
+    elif fmt is OutputFormat.csv:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["source", "label", "probability", "topk"])
+        for r in rows:
+            alts = ";".join(f"{t['label']}:{t['probability']:.4f}" for t in r["topk"])
+            writer.writerow([r["source"], r["label"], f"{r['probability']:.6f}", alts])
+        sys.stdout.write(buf.getvalue())
+    else:
+        table = Table()
+        for col in ("image", "label", "probability", f"top-{topk}"):
+            table.add_column(col)
+        for r in rows:
+            alts = ", ".join(f"{t['label']} {t['probability']:.2f}" for t in r["topk"])
+            table.add_row(r["source"], r["label"], f"{r['probability']:.3f}", alts)
+        out.print(table)
+    for f in failures:
+        err.print(f"[red]skipped[/] {f['source']}: {f['error']}", highlight=False)
+    if failures:
+        raise typer.Exit(3)
+
+
+@app.command()
+@_handle_errors
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    data: Annotated[Path, typer.Argument(help="A labelled dataset with the run's classes.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print all metrics as JSON.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda...")] = "auto",
+) -> None:
+    """Evaluate a trained run on another labelled dataset."""
+    from visionflow.api import load
+
+    metrics = load(run, device=device).evaluate(data)
+    if json_out:
+        out.print_json(json.dumps(metrics))
+        return
+    table = Table(title=f"{data}")
+    for col in ("class", "precision", "recall", "F1", "support"):
+        table.add_column(col, justify="right" if col != "class" else "left")
+    for name, m in metrics["per_class"].items():
+        table.add_row(
+            name, _pct(m["precision"]), _pct(m["recall"]), _pct(m["f1"]), str(m["support"])
+        )
+    out.print(table)
+    out.print(
+        f"accuracy {_pct(metrics['accuracy'])}  balanced {_pct(metrics['balanced_accuracy'])}  "
+        f"macro-F1 {_pct(metrics['macro_f1'])}  ECE {metrics['ece']:.3f}  (n={metrics['n']})"
+    )
+    for bad in metrics.get("skipped", []):
+        err.print(f"[red]skipped[/] {bad['path']}: {bad['reason']}", highlight=False)
+
+
+@app.command()
+@_handle_errors
+def inspect(
+    data: Annotated[Path, typer.Argument(help="Dataset: a folder per class, or a CSV/TSV.")],
+    report: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Where to write the JSON report.")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the JSON report.")] = False,
+    min_side: Annotated[int, typer.Option(help="Images smaller than this are flagged.")] = 16,
+    min_per_class: Annotated[int, typer.Option(help="Fewest usable images per class.")] = 3,
+) -> None:
+    """Check a dataset: counts, imbalance, unreadable files, duplicates, label conflicts."""
+    from visionflow.data.checks import check_dataset
+    from visionflow.data.readers import read_dataset
+
+    index = read_dataset(data)
+    result, _ = check_dataset(
+        index, min_side=min_side, min_per_class=min_per_class, progress=not json_out
+    )
+    target = report or Path("data_report.json")
+    result.save(target)
+    if json_out:
+        out.print_json(json.dumps(result.to_json()))
+    else:
+        result.render(out)
+        out.print(f"report written to [bold]{target}[/]")
+    result.raise_for_problems(min_per_class=min_per_class)
+
+
+@app.command()
+@_handle_errors
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the dataset and run go.")] = Path(
+        "demo_data"
+    ),
+    budget: Annotated[str, typer.Option(help="Training budget.")] = "4m",
+    img_size: Annotated[int, typer.Option(help="Input size (digits are 8x8 px).")] = 128,
+) -> None:
+    """Train on scikit-learn's handwritten digits, written as a real image folder."""
+    from visionflow.config import load_train_config
+    from visionflow.demo import write_digits
+    from visionflow.train.recipe import train_classifier
+
+    data = write_digits(out_dir / "digits")
+    err.print(f"wrote the digits dataset to [bold]{data}[/] (a folder per class, PNG files)")
+    cfg = load_train_config(overrides={"budget": budget, "img_size": img_size, "hflip": False})
+    from visionflow.api import default_run_name
+
+    run_dir = out_dir / "runs" / default_run_name(data)
+    result = train_classifier(data, cfg, run_dir=run_dir, console=err)
+    _print_summary(result.metrics, result.run_dir, result.report_path, result.seconds)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,134 @@
+"""Typed configuration of a run, with one documented precedence.
+
+``defaults < preset < YAML/JSON file < command-line flags``. Unknown keys are rejected with a
+"did you mean" so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from visionflow.errors import ConfigError
+from visionflow.train.budget import parse_budget
+
+__all__ = ["PRESETS", "TrainConfig", "load_train_config"]
+
+#: Named bundles of settings; a preset only sets what it names.
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {"budget": "5m"},
+    "medium": {"budget": "30m"},
+    "best": {"budget": "2h", "img_size": None},
+}
+
+
+class TrainConfig(BaseModel):
+    """Everything that decides what ``visionflow train`` does (stored in ``config.json``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    task: Literal["classify"] = "classify"
+    backbone: str = "tf_efficientnet_lite0"
+    weights: str | None = Field(
+        default=None, description="auto (None), 'none', 'package', 'hub', or a file/directory"
+    )
+    img_size: int | None = Field(default=None, ge=32, le=1024)
+    budget: str | None = Field(default="10m", description="wall-clock budget, e.g. '10m'")
+    strategy: Literal["auto", "lpft", "finetune", "probe"] = "auto"
+    epochs: int = Field(default=30, ge=1, description="upper bound; the budget may stop earlier")
+    batch_size: int = Field(default=32, ge=1)
+    lr: float | None = Field(default=None, gt=0, description="head learning rate")
+    backbone_lr: float | None = Field(default=None, gt=0)
+    layer_decay: float = Field(default=0.8, gt=0, le=1)
+    weight_decay: float = Field(default=0.05, ge=0)
+    warmup_epochs: float = Field(default=1.0, ge=0)
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1)
+    augment: Literal["none", "light", "medium", "heavy"] = "medium"
+    hflip: bool = True
+    mixup: float = Field(default=0.0, ge=0)
+    cutmix: float = Field(default=0.0, ge=0)
+    balance: Literal["auto", "weights", "sampler", "none"] = "auto"
+    freeze_epochs: int = Field(default=0, ge=0)
+    patience: int | None = Field(default=5, ge=1)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    val_fraction: float = Field(default=0.15, ge=0, lt=1)
+    test_fraction: float = Field(default=0.15, ge=0, lt=1)
+    split_file: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    channels_last: bool = True
+    num_workers: int | None = Field(default=None, ge=0)
+    cache_mb: int = Field(default=1024, ge=0)
+    max_pixels: int = Field(default=64_000_000, ge=1024)
+    min_per_class: int = Field(default=3, ge=2)
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _check_budget(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        parse_budget(value)  # raises BudgetError with a clear message
+        return str(value)
+
+    def budget_seconds(self) -> float | None:
+        return parse_budget(self.budget)
+
+
+def _did_you_mean(key: str, known: list[str]) -> str:
+    hint = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
+def _validate(data: dict[str, Any], where: str) -> TrainConfig:
+    known = list(TrainConfig.model_fields)
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown setting {key!r}{_did_you_mean(key, known)}")
+    try:
+        return TrainConfig(**data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{where}: {problems}") from None
+
+
+def load_train_config(
+    *,
+    preset: str | None = None,
+    file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Merge defaults < preset < file < overrides (``None`` overrides are ignored)."""
+    data: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(
+                f"unknown preset {preset!r}{_did_you_mean(preset, list(PRESETS))}; "
+                f"choose from {sorted(PRESETS)}"
+            )
+        data.update(PRESETS[preset])
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML/JSON ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"{path}: expected a mapping of settings, got {type(loaded).__name__}"
+            )
+        _validate({**data, **loaded}, str(path))
+        data.update(loaded)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    return _validate(data, "settings")

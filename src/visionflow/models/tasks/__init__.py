@@ -1,0 +1,6 @@
+"""Task plug-ins: what differs between classification and detection, behind one interface."""
+
+from visionflow.models.tasks.base import Task, get_task, register_task
+from visionflow.models.tasks.classification import ClassificationTask
+
+__all__ = ["ClassificationTask", "Task", "get_task", "register_task"]

@@ -1,0 +1,1 @@
+"""Training: the one loop (engine), checkpoints, budgets, and the classification recipe."""

@@ -1,0 +1,697 @@
+"""The classification recipe: from a folder of images to an evaluated model in a run directory.
+
+Stages, each recorded in ``state.json`` so ``--resume`` continues where a killed run stopped:
+
+1. **check**: read the dataset, run the data-health checks, drop unusable files, split.
+2. **probe**: extract frozen features once, fit a linear probe (strong on small data).
+3. **finetune**: start from the probe head and fine-tune the whole network with discriminative
+   learning rates, augmentation and early stopping, for as many epochs as the budget allows.
+4. **evaluate**: keep whichever of probe and fine-tune is better on validation, then measure it
+   on the test split and write metrics, plots and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import DataLoader
+
+from visionflow._io import atomic_write_json, read_json
+from visionflow.config import TrainConfig
+from visionflow.data.checks import check_dataset
+from visionflow.data.index import DatasetIndex, Split
+from visionflow.data.loading import DecodedImageCache, ImageDataset, balanced_sampler, make_loader
+from visionflow.data.preprocess import Preprocessing
+from visionflow.data.readers import read_dataset
+from visionflow.data.split import load_split, stratified_split
+from visionflow.data.transforms import eval_transform, train_transform
+from visionflow.errors import CheckpointError, DataError
+from visionflow.evaluate.metrics import classification_metrics, reliability_bins
+from visionflow.evaluate.overfit import diagnose
+from visionflow.evaluate.plots import (
+    plot_confusion_matrix,
+    plot_learning_curves,
+    plot_per_class,
+    plot_reliability,
+)
+from visionflow.evaluate.report import ReportContext, write_report
+from visionflow.models.backbones import create_backbone, feature_dim
+from visionflow.models.heads import LinearHead, TaskModel
+from visionflow.models.tasks.classification import ClassificationTask
+from visionflow.models.weights import ResolvedWeights, resolve_weights
+from visionflow.train.budget import Deadline, format_seconds
+from visionflow.train.callbacks import Callback, RichProgress
+from visionflow.train.checkpoint import load_weights, save_weights
+from visionflow.train.device import configure_threads, cpu_count, select_device
+from visionflow.train.engine import Engine, FitConfig, seed_everything
+from visionflow.train.probe import ProbeResult, fit_linear_probe
+
+__all__ = ["RunResult", "train_classifier"]
+
+# Fixed costs kept in reserve at the end of the budget: final evaluation, plots, report.
+_RESERVE_SECONDS = 8.0
+_STATE = "state.json"
+
+
+@dataclass
+class RunResult:
+    """What :func:`train_classifier` leaves behind (all of it is also on disk)."""
+
+    run_dir: Path
+    chosen: str
+    metrics: dict[str, dict[str, Any]]
+    history: list[dict[str, Any]]
+    phases: list[dict[str, Any]]
+    seconds: float
+    report_path: Path
+    findings: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Run:
+    """Paths and persisted state of one run directory."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = run_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def state(self) -> dict[str, Any]:
+        p = self.path(_STATE)
+        return dict(read_json(p)) if p.is_file() else {}
+
+    def update_state(self, **values: Any) -> None:
+        state = self.state()
+        state.update(values)
+        atomic_write_json(self.path(_STATE), state)
+
+
+def _fingerprint(index: DatasetIndex) -> str:
+    """A content-light fingerprint of the dataset: relative paths, labels and file sizes."""
+    digest = hashlib.sha256()
+    for s in index.samples:
+        try:
+            size = s.path.stat().st_size
+        except OSError:
+            size = -1
+        rel = s.to_json(index.root)["path"]
+        digest.update(f"{rel}\t{s.label}\t{size}\n".encode())
+    return digest.hexdigest()
+
+
+class _ElapsedSaver(Callback):
+    """Records the time spent after every epoch, so a resumed run keeps its total budget."""
+
+    def __init__(self, run: _Run, deadline: Deadline) -> None:
+        self.run = run
+        self.deadline = deadline
+
+    def on_epoch_end(self, engine: Engine, record: dict[str, Any]) -> None:
+        self.run.update_state(elapsed=self.deadline.elapsed())
+
+
+def _auto_workers(device: torch.device, configured: int | None) -> int:
+    if configured is not None:
+        return configured
+    if device.type == "cpu":
+        # On a small CPU the decode work is tiny next to the forward/backward pass; a worker
+        # process would only steal a core from the math.
+        return 0 if cpu_count() <= 4 else min(4, cpu_count() // 4)
+    return min(8, max(2, cpu_count() - 1))
+
+
+@contextmanager
+def _progress(
+    enabled: bool, console: Console | None, description: str, total: int
+) -> Iterator[Callable[[int], None]]:
+    """A transient Rich progress bar; yields ``advance(n)`` (a no-op when disabled)."""
+    if not enabled or console is None:
+        yield lambda n: None
+        return
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _log(console: Console | None, message: str) -> None:
+    if console is not None:
+        console.print(message)
+
+
+class _Pipeline:
+    """Holds what the stages share; one instance per :func:`train_classifier` call."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        run: _Run,
+        deadline: Deadline,
+        console: Console | None,
+        progress: bool,
+    ) -> None:
+        self.config = config
+        self.run = run
+        self.deadline = deadline
+        self.console = console
+        self.progress = progress
+        self.device = select_device(config.device)
+        configure_threads()
+        self.phases: list[dict[str, Any]] = []
+
+    # ----------------------------------------------------------------- data
+    def load_data(self, data: Path, resume: bool) -> None:
+        run, cfg = self.run, self.config
+        if resume and run.path("index.json").is_file() and run.path("split.json").is_file():
+            self.index = DatasetIndex.from_json(read_json(run.path("index.json")))
+            self.split = Split.from_json(read_json(run.path("split.json")))
+            self.report = read_json(run.path("data_report.json"))
+            return
+        t0 = time.monotonic()
+        raw = read_dataset(data)
+        report, clean = check_dataset(
+            raw,
+            min_per_class=cfg.min_per_class,
+            max_pixels=cfg.max_pixels,
+            progress=self.progress,
+        )
+        report.save(run.path("data_report.json"))
+        if self.console is not None:
+            report.render(self.console)
+        report.raise_for_problems(min_per_class=cfg.min_per_class)
+        if any(s.label is None for s in clean.samples):
+            clean = clean.subset([i for i, s in enumerate(clean.samples) if s.label is not None])
+        if cfg.split_file:
+            split = load_split(cfg.split_file, clean)
+        else:
+            split = stratified_split(
+                clean,
+                val_fraction=cfg.val_fraction,
+                test_fraction=cfg.test_fraction,
+                seed=cfg.seed,
+            )
+        if not split.train or not split.val:
+            raise DataError(
+                f"{data}: the split left {len(split.train)} training and {len(split.val)} "
+                "validation images; both need at least one (lower val/test fractions)"
+            )
+        atomic_write_json(run.path("index.json"), clean.to_json())
+        atomic_write_json(run.path("split.json"), split.to_json())
+        self.index, self.split, self.report = clean, split, report.to_json()
+        self.phases.append({"name": "data checks", "seconds": time.monotonic() - t0})
+
+    # --------------------------------------------------------------- model
+    def build_model(self) -> None:
+        cfg = self.config
+        self.weights: ResolvedWeights = resolve_weights(cfg.backbone, cfg.weights)
+        pre = self.weights.preprocessing
+        if cfg.img_size is not None:
+            pre = pre.with_size(cfg.img_size)
+        self.preprocessing: Preprocessing = pre
+        self.backbone = create_backbone(cfg.backbone, weights=self.weights)
+        self.dim = feature_dim(self.backbone)
+        classes = self.index.classes
+        targets = torch.tensor(self.index.subset(self.split.train).targets())
+        counts = torch.bincount(targets, minlength=len(classes)).float()
+        ratio = float(counts.max() / counts.clamp(min=1).min())
+        balance = cfg.balance
+        if balance == "auto":
+            balance = "weights" if ratio > 1.5 else "none"
+        self.balance = balance
+        class_weights = None
+        if balance == "weights":
+            class_weights = (counts.sum() / (len(classes) * counts.clamp(min=1))).tolist()
+        self.task = ClassificationTask(
+            classes,
+            label_smoothing=cfg.label_smoothing,
+            class_weights=class_weights,
+            dropout=cfg.dropout,
+        )
+        self.cache = DecodedImageCache(cfg.cache_mb * 2**20)
+        self.workers = _auto_workers(self.device, cfg.num_workers)
+        atomic_write_json(self.run.path("weights.json"), self.weights.provenance())
+
+    def dataset(self, split: str, *, augment: bool) -> ImageDataset:
+        cfg, pre = self.config, self.preprocessing
+        transform = (
+            train_transform(pre, cfg.augment, hflip=cfg.hflip) if augment else eval_transform(pre)
+        )
+        samples = [self.index.samples[i] for i in self.split[split]]
+        return ImageDataset(
+            samples,
+            self.index.class_to_idx,
+            transform,
+            cache=self.cache,
+            max_side=2 * pre.input_size if augment else None,
+            max_pixels=cfg.max_pixels,
+        )
+
+    def loader(self, split: str, *, augment: bool) -> DataLoader[Any]:
+        ds = self.dataset(split, augment=augment)
+        sampler = None
+        if augment and self.balance == "sampler":
+            sampler = balanced_sampler(ds.targets(), seed=self.config.seed)
+        return make_loader(
+            ds,
+            batch_size=self.config.batch_size,
+            shuffle=augment,
+            sampler=sampler,
+            num_workers=self.workers if augment else 0,
+            seed=self.config.seed,
+            drop_last=augment and len(ds) > self.config.batch_size,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _engine(self, model: TaskModel, fit: FitConfig, **kwargs: Any) -> Engine:
+        return Engine(model, self.task, fit, device=self.device, deadline=self.deadline, **kwargs)
+
+    # --------------------------------------------------------------- probe
+    def features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen features of a split, cached in the run (keyed by model, weights and data)."""
+        key_src = json.dumps(
+            {
+                "backbone": self.config.backbone,
+                "weights": self.weights.sha256,
+                "pre": self.preprocessing.to_json(),
+                "samples": [self.index.samples[i].path.as_posix() for i in self.split[split]],
+            }
+        )
+        key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+        path = self.run.path(f"features/{split}-{key}.safetensors")
+        if path.is_file():
+            from safetensors.torch import load_file
+
+            cached = load_file(str(path))
+            return cached["features"], cached["targets"]
+        fit = FitConfig(channels_last=self.config.channels_last, amp=self.config.amp)
+        extractor = TaskModel(self.backbone, nn.Identity())
+        loader = self.loader(split, augment=False)
+        with _progress(
+            self.progress, self.console, f"features ({split})", len(loader.dataset)
+        ) as step:  # type: ignore[arg-type]
+            feats, targets = self._engine(extractor, fit).predict(loader, on_batch=step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from safetensors.torch import save_file
+
+        save_file({"features": feats.contiguous(), "targets": targets.contiguous()}, str(path))
+        return feats, targets
+
+    def probe(self) -> ProbeResult:
+        t0 = time.monotonic()
+        self.backbone.to(self.device)
+        xtr, ytr = self.features("train")
+        xva, yva = self.features("val")
+        extract_s = time.monotonic() - t0
+        result = fit_linear_probe(
+            xtr,
+            ytr,
+            xva,
+            yva,
+            num_classes=len(self.index.classes),
+            class_weight="balanced" if self.balance != "none" else None,
+            seed=self.config.seed,
+        )
+        n = len(xtr) + len(xva)
+        self.images_per_second = n / extract_s if extract_s > 0 else None
+        self.phases.append(
+            {
+                "name": "linear probe",
+                "seconds": time.monotonic() - t0,
+                "val_accuracy": result.val_accuracy,
+                "val_loss": result.val_loss,
+                "C": result.C,
+                "feature_images_per_second": self.images_per_second,
+            }
+        )
+        _log(
+            self.console,
+            f"[bold]linear probe[/]: val accuracy {result.val_accuracy:.3f} "
+            f"(C={result.C}, {format_seconds(time.monotonic() - t0)})",
+        )
+        return result
+
+    # ------------------------------------------------------------ finetune
+    def fit_config(self, epochs: int, lpft: bool) -> FitConfig:
+        cfg = self.config
+        backbone_lr = cfg.backbone_lr or (1e-4 if lpft else 3e-4)
+        return FitConfig(
+            epochs=epochs,
+            lr=cfg.lr or (backbone_lr * 5 if lpft else 1e-3),
+            backbone_lr=backbone_lr,
+            layer_decay=cfg.layer_decay,
+            weight_decay=cfg.weight_decay,
+            warmup_epochs=min(cfg.warmup_epochs, max(0.0, epochs / 5)),
+            freeze_epochs=cfg.freeze_epochs,
+            grad_clip=cfg.grad_clip,
+            patience=cfg.patience,
+            mixup=cfg.mixup,
+            cutmix=cfg.cutmix,
+            channels_last=cfg.channels_last,
+            amp=cfg.amp,
+            seed=cfg.seed,
+        )
+
+    def _time_train_step(self, model: TaskModel, loader: DataLoader[Any]) -> float:
+        """Seconds per training step, measured on a throw-away copy of the model."""
+        trial = copy.deepcopy(model)
+        engine = self._engine(trial, self.fit_config(1, True))
+        trial.to(self.device)
+        if self.config.channels_last:
+            trial.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        opt = torch.optim.AdamW(trial.parameters(), lr=1e-6)
+        trial.train()
+        timings = []
+        for i, (images, targets) in enumerate(loader):
+            t0 = time.monotonic()
+            with engine._autocast():
+                out = trial(engine._prepare(images))
+            loss = self.task.loss(out, torch.as_tensor(targets).to(self.device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            timings.append(time.monotonic() - t0)
+            if i >= 2:
+                break
+        del trial, opt
+        # the first step pays one-off allocation costs; the data loading is timed separately
+        return min(timings[1:] or timings)
+
+    def plan_epochs(self, model: TaskModel, loader: DataLoader[Any]) -> int:
+        cfg = self.config
+        if self.deadline.seconds is None:
+            return cfg.epochs
+        step = self._time_train_step(model, loader)
+        n_val = len(self.split.val)
+        per_image = 1.0 / self.images_per_second if self.images_per_second else step / 8
+        # data loading and augmentation in the main process add roughly a fifth on CPU
+        epoch = len(loader) * step * (1.2 if self.workers == 0 else 1.05) + n_val * per_image
+        available = self.deadline.remaining() - _RESERVE_SECONDS - self._final_eval_seconds()
+        epochs = int(available // epoch)
+        self.epoch_estimate = epoch
+        return max(0, min(cfg.epochs, epochs))
+
+    def _final_eval_seconds(self) -> float:
+        n = len(self.split.test) + len(self.split.train) + len(self.split.val)
+        per_image = (
+            1.0 / self.images_per_second if getattr(self, "images_per_second", None) else 0.05
+        )
+        return n * per_image
+
+    def finetune(
+        self, probe: ProbeResult | None, callbacks: list[Callback], resume: bool
+    ) -> tuple[TaskModel, dict[str, Any] | None]:
+        head = self.task.build_head(self.dim)
+        lpft = probe is not None
+        if probe is not None and isinstance(head, LinearHead):
+            with torch.no_grad():
+                head.fc.weight.copy_(probe.weight)
+                head.fc.bias.copy_(probe.bias)
+        model = TaskModel(self.backbone, head)
+        train_loader = self.loader("train", augment=True)
+        state = self.run.state()
+        if resume and "finetune_summary" in state:  # finished before the kill: reuse it
+            load_weights(self.run.path("best.safetensors"), model)
+            self.history = list(read_json(self.run.path("history.json")))
+            self.phases.append(state["finetune_summary"])
+            return model, state["finetune_summary"]
+        if resume and "finetune_epochs" in state:
+            epochs = int(state["finetune_epochs"])
+        else:
+            epochs = self.plan_epochs(model, train_loader)
+            self.run.update_state(finetune_epochs=epochs)
+        if epochs < 1:
+            _log(self.console, "[yellow]budget too small for fine-tuning; keeping the probe[/]")
+            return model, None
+        t0 = time.monotonic()
+        engine = self._engine(
+            model,
+            self.fit_config(epochs, lpft),
+            callbacks=[*callbacks, _ElapsedSaver(self.run, self.deadline)],
+            checkpoint_dir=self.run.path("checkpoint"),
+        )
+        result = engine.fit(
+            train_loader,
+            self.loader("val", augment=False),
+            resume=resume and self.run.path("checkpoint").exists(),
+        )
+        self.history = result.history
+        atomic_write_json(self.run.path("history.json"), result.history)
+        summary = {
+            "name": "fine-tune",
+            "seconds": time.monotonic() - t0,
+            "planned_epochs": epochs,
+            "epochs": len(result.history),
+            "best_epoch": result.best_epoch,
+            "val_accuracy": result.best_metric,
+            "stopped": result.stopped,
+            "lr": engine.config.lr,
+            "backbone_lr": engine.config.backbone_lr,
+        }
+        self.phases.append(summary)
+        self.run.update_state(finetune_summary=summary)
+        return model, summary
+
+
+def train_classifier(
+    data: str | Path | None,
+    config: TrainConfig,
+    *,
+    run_dir: str | Path,
+    resume: bool = False,
+    console: Console | None = None,
+    progress: bool | None = None,
+    callbacks: list[Callback] | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Train, select and evaluate a classifier; everything lands in ``run_dir``.
+
+    Args:
+        data: Dataset path (folder per class, CSV...). May be ``None`` when resuming.
+        config: The resolved settings.
+        run_dir: Where the run is written (created if needed).
+        resume: Continue a killed run in ``run_dir`` (its saved config, index and split win).
+        console: Where human-readable output goes (``None``: silent).
+        progress: Show progress bars (default: when ``console`` is a terminal).
+    """
+    started = time.monotonic()
+    run = _Run(Path(run_dir))
+    state = run.state()
+    if resume:
+        if not run.path("config.json").is_file():
+            raise CheckpointError(f"{run.dir} is not a visionflow run (config.json missing)")
+        config = TrainConfig(**read_json(run.path("config.json")))
+        data = data or state.get("data")
+        if state.get("stage") == "done":
+            raise CheckpointError(f"{run.dir} has already finished; nothing to resume")
+    elif state:
+        raise CheckpointError(
+            f"{run.dir} already holds a run; use --resume to continue it or another --name"
+        )
+    if data is None:
+        raise DataError("no dataset given")
+    data = Path(data)
+    atomic_write_json(run.path("config.json"), config.model_dump(mode="json"))
+    spent = float(state.get("elapsed", 0.0)) if resume else 0.0
+    deadline = Deadline(config.budget_seconds(), spent=spent)
+    if progress is None:
+        progress = bool(console is not None and console.is_terminal)
+    seed_everything(config.seed)
+    pipe = _Pipeline(config, run, deadline, console, progress)
+    if not resume:
+        run.update_state(stage="started", data=str(data.resolve()), elapsed=0.0, created_at=_now())
+
+    def stage(name: str) -> None:
+        run.update_state(stage=name, elapsed=deadline.elapsed())
+        if on_stage is not None:
+            on_stage(name)
+
+    pipe.load_data(data, resume)
+    stage("checked")
+    pipe.build_model()
+    cbs = list(callbacks or [])
+    if progress:
+        cbs.append(RichProgress(console))
+
+    probe: ProbeResult | None = None
+    strategy = config.strategy
+    if strategy in {"auto", "lpft", "probe"}:
+        probe = pipe.probe()
+        stage("probed")
+    ft_model: TaskModel | None = None
+    ft_summary: dict[str, Any] | None = None
+    pipe.history = []
+    if strategy in {"auto", "lpft", "finetune"}:
+        if strategy == "finetune" and not hasattr(pipe, "images_per_second"):
+            pipe.images_per_second = None
+        ft_model, ft_summary = pipe.finetune(probe, cbs, resume)
+        stage("finetuned")
+
+    # ------------------------------------------------------------ selection
+    probe_acc = probe.val_accuracy if probe is not None else None
+    ft_acc = ft_summary["val_accuracy"] if ft_summary is not None else None
+    if ft_model is not None and ft_acc is not None and (probe_acc is None or ft_acc >= probe_acc):
+        chosen, model = "finetune", ft_model
+    else:
+        if probe is None:
+            raise DataError("fine-tuning produced no model within the budget; raise --budget")
+        chosen = "probe"
+        head = LinearHead(pipe.dim, len(pipe.index.classes))
+        with torch.no_grad():
+            head.fc.weight.copy_(probe.weight)
+            head.fc.bias.copy_(probe.bias)
+        # the fine-tune (if any) changed the shared backbone: reload the pretrained one
+        backbone = create_backbone(config.backbone, weights=pipe.weights)
+        model = TaskModel(backbone, head)
+    model.eval()
+    save_weights(run.path("model.safetensors"), model)
+    _log(
+        console,
+        f"selected [bold]{chosen}[/] (val accuracy: probe "
+        f"{_pct(probe_acc)}, fine-tune {_pct(ft_acc)})",
+    )
+
+    # ------------------------------------------------------------ evaluation
+    evaluator = Engine(
+        model,
+        pipe.task,
+        FitConfig(channels_last=config.channels_last, amp=config.amp),
+        device=pipe.device,
+    )
+    metrics: dict[str, dict[str, Any]] = {}
+    outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for split in ("train", "val", "test"):
+        if not pipe.split[split]:
+            continue
+        if chosen == "probe":
+            feats, targets = pipe.features(split)
+            logits = probe.logits(feats) if probe is not None else feats
+        else:
+            logits, targets = evaluator.predict(pipe.loader(split, augment=False))
+        outputs[split] = (logits, targets)
+        probs = torch.softmax(logits.float(), dim=1).numpy()
+        metrics[split] = classification_metrics(targets.numpy(), probs, pipe.index.classes)
+    model_info = {
+        "task": "classify",
+        "backbone": config.backbone,
+        "classes": pipe.index.classes,
+        "preprocessing": pipe.preprocessing.to_json(),
+        "feature_dim": pipe.dim,
+        "head": "linear",
+        "chosen": chosen,
+        "weights": pipe.weights.provenance(),
+        "data_fingerprint": _fingerprint(pipe.index),
+        "created_at": _now(),
+    }
+    atomic_write_json(run.path("model.json"), model_info)
+    seconds = deadline.elapsed()
+    findings = diagnose(
+        pipe.history,
+        final={k: {"accuracy": v["accuracy"]} for k, v in metrics.items()},
+        n_val=len(pipe.split.val),
+    )
+    atomic_write_json(
+        run.path("metrics.json"),
+        {
+            "chosen": chosen,
+            "seconds": seconds,
+            "budget_seconds": config.budget_seconds(),
+            "phases": pipe.phases,
+            "splits": metrics,
+            "findings": [f.to_json() for f in findings],
+        },
+    )
+    report_path = _write_report(pipe, run, metrics, outputs, findings, chosen, seconds)
+    run.update_state(stage="done", elapsed=seconds)
+    return RunResult(
+        run_dir=run.dir,
+        chosen=chosen,
+        metrics=metrics,
+        history=pipe.history,
+        phases=pipe.phases,
+        seconds=time.monotonic() - started,
+        report_path=report_path,
+        findings=[f.to_json() for f in findings],
+    )
+
+
+def _write_report(
+    pipe: _Pipeline,
+    run: _Run,
+    metrics: dict[str, dict[str, Any]],
+    outputs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    findings: list[Any],
+    chosen: str,
+    seconds: float,
+) -> Path:
+    images: dict[str, Path] = {}
+    if pipe.history:
+        images["Learning curves"] = plot_learning_curves(
+            pipe.history, run.path("learning_curves.png")
+        )
+    main = metrics.get("test") or metrics["val"]
+    split_name = "test" if "test" in metrics else "val"
+    images[f"Confusion matrix ({split_name})"] = plot_confusion_matrix(
+        main["confusion_matrix"], pipe.index.classes, run.path("confusion_matrix.png")
+    )
+    images[f"Per-class F1 ({split_name})"] = plot_per_class(
+        main["per_class"], run.path("per_class.png")
+    )
+    logits, targets = outputs[split_name]
+    bins = reliability_bins(targets.numpy(), torch.softmax(logits, dim=1).numpy())
+    images[f"Reliability ({split_name})"] = plot_reliability(bins, run.path("reliability.png"))
+    ctx = ReportContext(
+        title=f"visionflow run {run.dir.name}",
+        run_name=run.dir.name,
+        created_at=_now(),
+        summary={
+            "task": "image classification",
+            "backbone": pipe.config.backbone,
+            "model kept": chosen,
+            f"{split_name} accuracy": _pct(main.get("accuracy")),
+            f"{split_name} macro-F1": _pct(main.get("macro_f1")),
+            "classes": len(pipe.index.classes),
+            "images (train/val/test)": "/".join(str(v) for v in pipe.split.sizes().values()),
+            "duration": format_seconds(seconds),
+            "budget": pipe.config.budget or "none",
+            "device": str(pipe.device),
+        },
+        metrics={k: v for k, v in metrics.items() if k in {"val", "test"}},
+        history=pipe.history,
+        findings=findings,
+        data_report=pipe.report if isinstance(pipe.report, dict) else None,
+        config=pipe.config.model_dump(mode="json"),
+        weights=pipe.weights.provenance(),
+        phases=pipe.phases,
+        images=images,
+    )
+    return write_report(ctx, run.path("report.html"))
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

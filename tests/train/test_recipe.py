@@ -1,0 +1,89 @@
+import json
+
+import pytest
+
+from visionflow.api import load
+from visionflow.config import load_train_config
+from visionflow.errors import CheckpointError
+from visionflow.train.callbacks import Callback
+from visionflow.train.recipe import train_classifier
+
+TINY = {"backbone": "test_efficientnet", "weights": "none", "img_size": 32, "budget": None,
+        "epochs": 3, "batch_size": 8, "patience": None, "num_workers": 0}  # fmt: skip
+
+
+def _cfg(**kw):
+    return load_train_config(overrides={**TINY, **kw})
+
+
+def test_end_to_end_run_directory(image_folder, tmp_path):
+    run_dir = tmp_path / "runs" / "one"
+    result = train_classifier(image_folder, _cfg(), run_dir=run_dir)
+    for name in (
+        "config.json",
+        "data_report.json",
+        "index.json",
+        "split.json",
+        "weights.json",
+        "model.json",
+        "model.safetensors",
+        "metrics.json",
+        "history.json",
+        "report.html",
+        "confusion_matrix.png",
+        "learning_curves.png",
+        "state.json",
+    ):
+        assert (run_dir / name).is_file(), name  # fmt: skip
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["chosen"] in {"probe", "finetune"}
+    assert set(metrics["splits"]) == {"train", "val", "test"}
+    assert [p["name"] for p in metrics["phases"]] == ["data checks", "linear probe", "fine-tune"]
+    assert len(result.history) == 3
+    assert json.loads((run_dir / "state.json").read_text())["stage"] == "done"
+    html = (run_dir / "report.html").read_text()
+    assert "test_efficientnet" in html and "data:image/png;base64" in html
+
+    model = load(run_dir)
+    images = sorted(image_folder.rglob("*.png"))[:4]
+    preds = model.predict(images, topk=2)
+    assert len(preds) == 4 and all(len(p.topk) == 2 for p in preds)
+    assert all(p.label in model.classes for p in preds)
+    evaluated = model.evaluate(image_folder)
+    assert evaluated["n"] == sum(metrics["splits"][s]["n"] for s in ("train", "val", "test"))
+
+
+def test_run_is_not_overwritten(image_folder, tmp_path):
+    train_classifier(image_folder, _cfg(strategy="probe"), run_dir=tmp_path / "r")
+    with pytest.raises(CheckpointError, match="already holds a run"):
+        train_classifier(image_folder, _cfg(), run_dir=tmp_path / "r")
+    with pytest.raises(CheckpointError, match="already finished"):
+        train_classifier(None, _cfg(), run_dir=tmp_path / "r", resume=True)
+
+
+class _Kill(Callback):
+    def on_epoch_end(self, engine, record):
+        if record["epoch"] == 0:
+            raise KeyboardInterrupt
+
+
+def test_resume_after_kill(image_folder, tmp_path):
+    run_dir = tmp_path / "r"
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(image_folder, _cfg(), run_dir=run_dir, callbacks=[_Kill()])
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["stage"] == "probed" and state["finetune_epochs"] == 3
+    result = train_classifier(None, _cfg(), run_dir=run_dir, resume=True)
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]
+    assert json.loads((run_dir / "state.json").read_text())["stage"] == "done"
+
+
+def test_finetune_only_and_probe_only(image_folder, tmp_path):
+    ft = train_classifier(image_folder, _cfg(strategy="finetune"), run_dir=tmp_path / "ft")
+    assert ft.chosen == "finetune"
+    probe = train_classifier(image_folder, _cfg(strategy="probe"), run_dir=tmp_path / "pr")
+    assert probe.chosen == "probe" and probe.history == []
+    assert load(tmp_path / "pr").predict_proba(sorted(image_folder.rglob("*.png"))[:2]).shape == (
+        2,
+        3,
+    )
