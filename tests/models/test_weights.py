@@ -231,7 +231,7 @@ def test_classifier_of_another_size_is_dropped(tmp_path: Path) -> None:
 
 def test_missing_tensors_are_listed(tmp_path: Path) -> None:
     state = _trained_state()
-    dropped = ["blocks.0.0.conv_dw.weight", "bn2.running_mean", "conv_head.weight"]
+    dropped = ["blocks.0.0.conv.weight", "bn2.running_mean", "conv_head.weight"]
     for key in dropped:
         del state[key]
     path = tmp_path / "partial.safetensors"
@@ -257,7 +257,7 @@ def test_scrambled_order_mapping_is_caught_by_sanity_checks(tmp_path: Path) -> N
     i, j = keys.index("bn1.bias"), keys.index("bn1.running_var")
     values[i], values[j] = values[j], values[i]
     path = tmp_path / "scrambled.safetensors"
-    save_file({f"t{n}": v for n, v in enumerate(values)}, str(path))
+    save_file({f"t{n:04d}": v for n, v in enumerate(values)}, str(path))
     with pytest.raises(WeightsError, match="wrong layers"):
         resolve_weights(TINY, path)
 

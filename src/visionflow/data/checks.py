@@ -280,9 +280,7 @@ def check_dataset(
 
     # positions sorted by path, so every list below and every "first" is deterministic
     order = sorted(range(len(index.samples)), key=lambda i: (rel(index.samples[i].path), i))
-    unreadable = [
-        BadFile(rel(p), r.reason) for p, r in results.items() if r.reason is not None
-    ]
+    unreadable = [BadFile(rel(p), r.reason) for p, r in results.items() if r.reason is not None]
     unreadable.sort(key=lambda b: b.path)
 
     by_hash: dict[str, list[int]] = defaultdict(list)
@@ -334,10 +332,8 @@ def check_dataset(
     num_unlabelled = sum(1 for s in clean.samples if s.label is None)
     small = {name: n for name, n in counts.items() if n < min_per_class}
     nonzero = [n for n in counts.values() if n > 0]
-    if counts and len(nonzero) == len(counts):
-        ratio = max(nonzero) / min(nonzero)
-    else:
-        ratio = float("inf")
+    every_class_has_images = bool(counts) and len(nonzero) == len(counts)
+    ratio = max(nonzero) / min(nonzero) if every_class_has_images else float("inf")
 
     report = DataReport(
         root=str(root),

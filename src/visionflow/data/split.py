@@ -59,14 +59,15 @@ def stratified_split(
         given: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
         for i, s in enumerate(index.samples):
             given[str(s.split)].append(i)
-        if not given["val"] and val_fraction > 0 and given["train"]:
+        carved = not given["val"] and val_fraction > 0 and bool(given["train"])
+        if carved:
             train, val, _ = _stratify(index, given["train"], val_fraction, 0.0, rng)
             given["train"], given["val"] = train, val
         return Split(
             train=sorted(given["train"]),
             val=sorted(given["val"]),
             test=sorted(given["test"]),
-            seed=seed if not given["val"] else None,
+            seed=seed if carved else None,
             method="given",
         )
     train, val, test = _stratify(
@@ -242,7 +243,9 @@ def _json_entries(file: Path, text: str) -> list[tuple[str, str, str]]:
 
 def _csv_entries(file: Path, text: str) -> list[tuple[str, str, str]]:
     first = text.split("\n", 1)[0]
-    delimiter = "\t" if file.suffix.lower() == ".tsv" or ("\t" in first and "," not in first) else ","
+    delimiter = (
+        "\t" if file.suffix.lower() == ".tsv" or ("\t" in first and "," not in first) else ","
+    )
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         rows = [(reader.line_num, row) for row in reader]

@@ -24,8 +24,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import confusion_matrix as _sk_confusion_matrix
-from sklearn.metrics import precision_recall_fscore_support
 
 __all__ = ["classification_metrics", "expected_calibration_error", "reliability_bins"]
 
@@ -43,9 +41,8 @@ def _validate(y_true: Any, probs: Any) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(
             f"y_true has {y.shape[0]} labels but probs has {p.shape[0]} rows; they must match"
         )
-    if y.size and not np.issubdtype(y.dtype, np.integer):
-        if not np.all(np.equal(np.mod(y, 1), 0)):
-            raise ValueError("y_true must hold integer class ids")
+    if y.size and not np.issubdtype(y.dtype, np.integer) and not np.all(np.mod(y, 1) == 0):
+        raise ValueError("y_true must hold integer class ids")
     y = y.astype(np.int64)
     num_classes = p.shape[1]
     if y.size and (y.min() < 0 or y.max() >= num_classes):
@@ -111,6 +108,22 @@ def expected_calibration_error(y_true: Any, probs: Any, n_bins: int = 15) -> flo
     )
 
 
+def _per_class_scores(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall, F1 and support per class from a confusion matrix (rows = true).
+
+    Same values as scikit-learn's ``precision_recall_fscore_support(zero_division=0)``, computed
+    here so that no input (one class, absent classes) can raise a warning.
+    """
+    tp = np.diag(cm).astype(np.float64)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return precision, recall, f1, support
+
+
 def _top_k_accuracy(y: np.ndarray, p: np.ndarray, k: int) -> float:
     # Stable sort on -p: ties go to the lower class id, the same rule argmax uses.
     top = np.argsort(-p, axis=1, kind="stable")[:, :k]
@@ -149,7 +162,6 @@ def classification_metrics(
         )
     ks = sorted({int(k) for k in topk if 0 < int(k) < num_classes})
     n = int(y.shape[0])
-    labels = list(range(num_classes))
 
     if n == 0:
         return {
@@ -170,11 +182,10 @@ def classification_metrics(
         }
 
     pred = p.argmax(axis=1)
-    cm = _sk_confusion_matrix(y, pred, labels=labels)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y, pred, labels=labels, zero_division=0
+    cm = np.bincount(y * num_classes + pred, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
     )
-    support = np.asarray(support)
+    precision, recall, f1, support = _per_class_scores(cm)
     present = support > 0
     seen = present | (cm.sum(axis=0) > 0)
 

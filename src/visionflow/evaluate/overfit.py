@@ -94,10 +94,11 @@ def _wilson_width(p: float, n: int, z: float = 1.96) -> float:
 
 
 def _val_loss_rise(history: list[dict[str, Any]]) -> Finding | None:
-    points = [
-        (i, _number(r.get("val_loss")), _number(r.get("train_loss"))) for i, r in enumerate(history)
-    ]
-    val = [(i, v, t) for i, v, t in points if v is not None]
+    val: list[tuple[int, float, float | None]] = []
+    for i, record in enumerate(history):
+        v = _number(record.get("val_loss"))
+        if v is not None:
+            val.append((i, v, _number(record.get("train_loss"))))
     if len(val) < RISE_MIN_EPOCHS + 1:
         return None
     best = min(range(len(val)), key=lambda j: (val[j][1], j))
@@ -105,8 +106,7 @@ def _val_loss_rise(history: list[dict[str, Any]]) -> Finding | None:
     if after < RISE_MIN_EPOCHS:
         return None
     pos_best, v_best, t_best = val[best]
-    pos_last, v_last, t_last = val[-1]
-    assert v_best is not None and v_last is not None  # filtered above
+    _, v_last, t_last = val[-1]
     if v_last - v_best <= max(RISE_MIN_RELATIVE * abs(v_best), 1e-6):
         return None
     if t_best is None or t_last is None or not t_last < t_best:

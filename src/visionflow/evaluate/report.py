@@ -98,15 +98,17 @@ def html_table(
             headers = []
             for row in dict_rows:
                 headers.extend(k for k in row if k not in headers)
-        body = [[row.get(h) for h in headers] for row in dict_rows]
+        body: list[list[Any]] = [[row.get(h) for h in headers] for row in dict_rows]
     else:
         body = [list(r) for r in rows if isinstance(r, list | tuple)]
     parts = ["<table>"]
     if headers:
-        parts.append("<thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in headers) + "</tr></thead>")
+        parts.append(
+            "<thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in headers) + "</tr></thead>"
+        )
     parts.append("<tbody>")
-    for row in body:
-        parts.append("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>")
+    for cells in body:
+        parts.append("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in cells) + "</tr>")
     parts.append("</tbody></table>")
     return "".join(parts)
 
@@ -160,15 +162,16 @@ def _metrics_html(metrics: dict[str, dict[str, Any]]) -> str:
         return f"<p>{NA}</p>"
     topk: list[str] = []
     for _, m in splits:
-        tk = m.get("top_k")
-        if isinstance(tk, dict):
-            topk.extend(k for k in tk if k not in topk)
+        found = m.get("top_k")
+        if isinstance(found, dict):
+            topk.extend(k for k in found if k not in topk)
     headers = ["split", *(label for _, label in _METRIC_COLUMNS), *topk, "ECE", "log loss"]
     parts = ["<table><thead><tr>"]
     parts.extend(f"<th>{_esc(h)}</th>" for h in headers)
     parts.append("</tr></thead><tbody>")
     for name, m in splits:
-        tk = m.get("top_k") if isinstance(m.get("top_k"), dict) else {}
+        tk_raw = m.get("top_k")
+        tk: dict[str, Any] = tk_raw if isinstance(tk_raw, dict) else {}
         cells = [_esc(name), _fmt(m.get("n"))]
         cells += [_pct(m.get(key)) for key, _ in _METRIC_COLUMNS[1:]]
         cells += [_pct(tk.get(k)) for k in topk]
@@ -185,7 +188,9 @@ def _per_class_html(metrics: dict[str, dict[str, Any]]) -> tuple[str, str] | Non
             rows = []
             for name, v in m["per_class"].items():
                 v = v if isinstance(v, dict) else {}
-                rows.append([name, v.get("precision"), v.get("recall"), v.get("f1"), v.get("support")])
+                rows.append(
+                    [name, v.get("precision"), v.get("recall"), v.get("f1"), v.get("support")]
+                )
             table = html_table(rows, headers=["class", "precision", "recall", "F1", "support"])
             return split, table
     return None
@@ -294,7 +299,9 @@ def _data_html(report: dict[str, Any] | None) -> str:
     parts = [_kv_table(overview)]
     warnings = _as_list(report.get("warnings"))
     if warnings:
-        parts.append("<ul class=\"warnings\">" + "".join(f"<li>{_fmt(w)}</li>" for w in warnings) + "</ul>")
+        parts.append(
+            '<ul class="warnings">' + "".join(f"<li>{_fmt(w)}</li>" for w in warnings) + "</ul>"
+        )
     counts = report.get("counts")
     if isinstance(counts, dict) and counts:
         small = report.get("small_classes")

@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import socket
 import threading
 import time
@@ -507,6 +508,9 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
             obj: Any = load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises its own error types
             raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from exc
+        # safetensors stores tensors by dtype and name, not in the order they were saved; the
+        # natural order of the names ("t2" before "t10") is the closest thing to layer order
+        obj = {k: obj[k] for k in sorted(obj, key=_natural_key)}
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -519,6 +523,10 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         except Exception as exc:
             raise WeightsError(f"{path}: not a readable PyTorch weights file ({exc})") from exc
     return _unwrap(obj, str(path))
+
+
+def _natural_key(name: str) -> list[tuple[int, int | str]]:
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)]
 
 
 def _unwrap(obj: Any, what: str) -> dict[str, torch.Tensor]:
