@@ -26,8 +26,6 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from torch.utils.data import DataLoader
-from visionflow.models.backbones import create_backbone
-from visionflow.models.weights import resolve_weights
 
 from visionflow.config import load_train_config
 from visionflow.data.index import DatasetIndex
@@ -35,6 +33,8 @@ from visionflow.data.loading import ImageDataset
 from visionflow.data.readers import read_dataset
 from visionflow.data.transforms import eval_transform, train_transform
 from visionflow.demo import write_digits
+from visionflow.models.backbones import create_backbone
+from visionflow.models.weights import resolve_weights
 from visionflow.train.budget import parse_budget
 from visionflow.train.device import configure_threads
 from visionflow.train.recipe import train_classifier

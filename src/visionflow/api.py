@@ -113,7 +113,7 @@ class ClassifierModel:
         self.info = dict(info or {})
         self._transform = eval_transform(preprocessing)
         self.model.to(self.device).eval()
-        self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.model.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, *, device: str = "auto") -> ClassifierModel:
@@ -191,7 +191,9 @@ class ClassifierModel:
         """Metrics on a labelled dataset (same class names); unreadable files are skipped."""
         index = read_dataset(data)
         report, clean = check_dataset(index)
-        unknown = sorted({s.label for s in clean.samples if s.label not in self.classes} - {None})
+        unknown = sorted(
+            {s.label for s in clean.samples if s.label is not None and s.label not in self.classes}
+        )
         if unknown:
             raise DataError(
                 f"{data}: labels {unknown} are not classes of this model ({self.classes})"

@@ -20,6 +20,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from visionflow import __version__
@@ -46,7 +47,9 @@ def _handle_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except VisionflowError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            # soft_wrap: a long path must stay on one line (copyable); escape: messages hold
+            # lists like "['a', 'b']" that Rich would otherwise read as markup
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")

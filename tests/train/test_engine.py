@@ -115,3 +115,14 @@ def test_mixup_cutmix_and_callback_stop():
     )
     assert result.stopped == "callback: pruned"
     assert result.history[0]["train_accuracy"] is None  # soft labels: no hard accuracy
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_model_can_be_trained_after_predicting(channels_last):
+    """Feature extraction first, fine-tuning after (the recipe's order) must keep grads."""
+    model, task = _model()
+    engine = Engine(model, task, _cfg(epochs=1, channels_last=channels_last))
+    engine.predict(_loader(_data(), shuffle=False))
+    assert all(not p.is_inference() for p in model.parameters())
+    result = engine.fit(_loader(_data()))
+    assert len(result.history) == 1

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
-from visionflow.data.images import DEFAULT_MAX_PIXELS, load_image
 
+from visionflow.data.images import DEFAULT_MAX_PIXELS, load_image
 from visionflow.data.index import Sample
 
 __all__ = ["DecodedImageCache", "ImageDataset", "balanced_sampler", "make_loader"]

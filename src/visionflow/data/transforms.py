@@ -78,11 +78,14 @@ def train_transform(
     ]
     if hflip:
         ops.append(v2.RandomHorizontalFlip())
+    # the geometric ops of the auto-augment policies run on tensors, where torchvision only
+    # offers nearest and bilinear sampling
+    aug_interp = InterpolationMode.BILINEAR
     if policy == "medium":
-        ops.append(v2.TrivialAugmentWide(interpolation=interp))
+        ops.append(v2.TrivialAugmentWide(interpolation=aug_interp))
     elif policy == "heavy":
         magnitude = round(min(30, max(1, 9 * strength)))
-        ops.append(v2.RandAugment(num_ops=2, magnitude=magnitude, interpolation=interp))
+        ops.append(v2.RandAugment(num_ops=2, magnitude=magnitude, interpolation=aug_interp))
     ops.extend(_to_tensor(pre)[1:])
     if policy == "heavy":
         ops.append(v2.RandomErasing(p=min(1.0, 0.25 * strength), value=0))

@@ -147,7 +147,7 @@ def _phase_lines(ax: Any, records: Sequence[dict[str, Any]]) -> None:
             if phase is not None:
                 ax.annotate(
                     _label(phase),
-                    xy=(i + 0.5 if i > 0 else 0.5, 1.0),
+                    xy=(i + 0.5 if i > 0 else 1.0, 1.0),
                     xycoords=("data", "axes fraction"),
                     xytext=(3, -12),
                     textcoords="offset points",

@@ -104,7 +104,7 @@ def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], meta: Any) -> dict
 
 def _rng_json() -> dict[str, Any]:
     py_state = random.getstate()
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     return {
         "python": [py_state[0], list(py_state[1]), py_state[2]],
         "numpy": [

@@ -127,7 +127,8 @@ class Engine:
         seen: set[int] = set()
 
         def add(params: Iterable[nn.Parameter], lr: float, tag: str) -> None:
-            decay, no_decay = [], []
+            decay: list[nn.Parameter] = []
+            no_decay: list[nn.Parameter] = []
             for p in params:
                 if id(p) in seen:
                     continue
@@ -185,7 +186,6 @@ class Engine:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     # ------------------------------------------------------------- evaluation
-    @torch.inference_mode()
     def predict(
         self, loader: DataLoader[Any], *, on_batch: Callable[[int], None] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,17 +194,20 @@ class Engine:
         ``on_batch(n)`` is called after each batch of ``n`` images (progress bars).
         """
         self.model.eval()
+        # moved outside inference mode: parameters converted inside it would become inference
+        # tensors that can never require gradients again (the model may be fine-tuned later)
         self.model.to(self.device)
         if self.config.channels_last:
-            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            self.model.to(memory_format=torch.channels_last)
         outputs, targets = [], []
-        for images, target in loader:
-            with self._autocast():
-                out = self.model(self._prepare(images))
-            outputs.append(out.float().cpu())
-            targets.append(torch.as_tensor(target))
-            if on_batch is not None:
-                on_batch(len(images))
+        with torch.inference_mode():
+            for images, target in loader:
+                with self._autocast():
+                    out = self.model(self._prepare(images))
+                outputs.append(out.float().cpu())
+                targets.append(torch.as_tensor(target))
+                if on_batch is not None:
+                    on_batch(len(images))
         if not outputs:
             return torch.empty(0), torch.empty(0, dtype=torch.long)
         return torch.cat(outputs), torch.cat(targets)
@@ -228,7 +231,7 @@ class Engine:
         started = time.monotonic()
         self.model.to(self.device)
         if cfg.channels_last:
-            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            self.model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.lr)
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
         self._scaler = torch.amp.GradScaler(

@@ -306,9 +306,8 @@ class _Pipeline:
         fit = FitConfig(channels_last=self.config.channels_last, amp=self.config.amp)
         extractor = TaskModel(self.backbone, nn.Identity())
         loader = self.loader(split, augment=False)
-        with _progress(
-            self.progress, self.console, f"features ({split})", len(loader.dataset)
-        ) as step:  # type: ignore[arg-type]
+        total = len(loader.dataset)  # type: ignore[arg-type]
+        with _progress(self.progress, self.console, f"features ({split})", total) as step:
             feats, targets = self._engine(extractor, fit).predict(loader, on_batch=step)
         path.parent.mkdir(parents=True, exist_ok=True)
         from safetensors.torch import save_file
@@ -377,7 +376,7 @@ class _Pipeline:
         engine = self._engine(trial, self.fit_config(1, True))
         trial.to(self.device)
         if self.config.channels_last:
-            trial.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            trial.to(memory_format=torch.channels_last)
         opt = torch.optim.AdamW(trial.parameters(), lr=1e-6)
         trial.train()
         timings = []
@@ -414,9 +413,8 @@ class _Pipeline:
 
     def _final_eval_seconds(self) -> float:
         n = len(self.split.test) + len(self.split.train) + len(self.split.val)
-        per_image = (
-            1.0 / self.images_per_second if getattr(self, "images_per_second", None) else 0.05
-        )
+        speed: float | None = getattr(self, "images_per_second", None)
+        per_image = 1.0 / speed if speed else 0.05
         return n * per_image
 
     def finetune(

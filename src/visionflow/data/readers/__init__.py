@@ -120,7 +120,7 @@ def _safe_detect(reader: _Reader, path: Path) -> bool:
 
 # Import the built-in readers last so that they can register themselves; the import order is
 # the detection order (CSV before folder).
-from visionflow.data.readers import csv as _csv  # noqa: E402, I001
+from visionflow.data.readers import csv as _csv  # noqa: E402
 from visionflow.data.readers import folder as _folder  # noqa: E402
 
 del _csv, _folder

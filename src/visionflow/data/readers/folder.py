@@ -147,11 +147,11 @@ def read_folder(path: Path) -> DatasetIndex:
         raise DataError(f"{root}: no class folders found; expected {_LAYOUT}")
 
     samples: list[Sample] = []
-    for class_dir, split in class_dirs:
+    for class_dir, split_name in class_dirs:
         label = class_dir.name
         for file in _files_under(class_dir, root):
             rel = file.relative_to(root).as_posix()
-            samples.append(Sample(path=root / rel, label=label, split=split, source=rel))
+            samples.append(Sample(path=root / rel, label=label, split=split_name, source=rel))
     if not samples:
         raise DataError(f"{root}: the class folders contain no files; expected {_LAYOUT}")
     samples.sort(key=lambda s: s.source or "")
