@@ -18,6 +18,7 @@ folder-per-class dataset. Prints a Markdown table for BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -139,6 +140,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 run = train_classifier(csv_path, cfg, run_dir=Path(tmp) / "run")
             results["visionflow"] = run.metrics["test"]["accuracy"]
+            print(f"<!-- seed {seed}: kept {run.chosen}; phases {run.phases} -->", file=sys.stderr)
         if args.only in (None, "plain"):
             torch.manual_seed(seed)
             results["plain"] = plain_finetune(index, budget)

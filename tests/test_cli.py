@@ -64,3 +64,20 @@ def test_inspect_salted(salted_folder, tmp_path):
     report = json.loads(target.read_text())
     assert report["unreadable"], "the salted folder has unreadable files"
     assert result.exit_code in (0, 3)
+
+
+def test_error_messages_are_printed_verbatim(image_folder, tmp_path):
+    """Brackets in a message (lists, paths) are text, not Rich markup, and never wrapped."""
+    weights = tmp_path / "[bold]weird[/bold] name" / ("long" * 30) / "w.safetensors"
+    args = [
+        "train",
+        str(image_folder),
+        *TINY[:2],
+        "--weights",
+        str(weights),
+        "--out",
+        str(tmp_path),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 4, result.output
+    assert str(weights) in result.output

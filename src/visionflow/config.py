@@ -53,6 +53,10 @@ class TrainConfig(BaseModel):
     cutmix: float = Field(default=0.0, ge=0)
     balance: Literal["auto", "weights", "sampler", "none"] = "auto"
     freeze_epochs: int = Field(default=0, ge=0)
+    freeze_bn: bool | None = Field(
+        default=None,
+        description="keep BatchNorm statistics fixed while fine-tuning (default: with LP-FT)",
+    )
     patience: int | None = Field(default=5, ge=1)
     grad_clip: float | None = Field(default=1.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)

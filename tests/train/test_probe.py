@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from visionflow.errors import DataError
-from visionflow.train.probe import fit_linear_probe
+from visionflow.train.probe import DEFAULT_CS, fit_linear_probe
 
 
 def _blobs(n, seed, classes=3, dim=16):
@@ -17,11 +17,34 @@ def test_probe_separates_blobs_and_folds_scaling():
     xva, yva = _blobs(30, 1)
     result = fit_linear_probe(xtr, ytr, xva, yva, num_classes=3)
     assert result.val_accuracy == 1.0
-    assert len(result.scores) == 5
+    assert result.selected_by == "cv" and result.cv_accuracy == 1.0
+    assert [s["C"] for s in result.scores] == list(DEFAULT_CS)
     # the folded layer on raw features reproduces the recorded accuracy
-    acc = (result.logits(xva).argmax(1) == yva).float().mean().item()
+    acc = (result.logits(xva, final=False).argmax(1) == yva).float().mean().item()
     assert acc == pytest.approx(result.val_accuracy)
     assert result.weight.shape == (3, 16) and result.bias.shape == (3,)
+    # the refit on train + val is a different layer that still separates everything
+    assert result.refit and result.final_weight is not None
+    assert not torch.equal(result.final_weight, result.weight)
+    assert (result.logits(xva).argmax(1) == yva).all()
+
+
+def test_probe_refit_uses_validation_images():
+    """Classes seen only through validation images are learned by the refit."""
+    xtr, ytr = _blobs(60, 0)
+    xva, yva = _blobs(30, 1)
+    keep = ytr != 2  # class 2 has no training image at all
+    result = fit_linear_probe(xtr[keep], ytr[keep], xva, yva, num_classes=3)
+    assert (result.logits(xva, final=False).argmax(1) != 2).all()
+    assert (result.logits(xva).argmax(1) == yva).float().mean() > 0.95
+
+
+def test_c_is_chosen_on_validation_when_cv_is_impossible():
+    xtr, ytr = _blobs(3, 0)  # one image per class: no folds
+    xva, yva = _blobs(30, 1)
+    result = fit_linear_probe(xtr, ytr, xva, yva, num_classes=3, refit=False)
+    assert result.selected_by == "val" and not result.refit
+    assert len(result.scores) == len(DEFAULT_CS) and result.cv_accuracy is None
 
 
 def test_probe_handles_binary_and_absent_classes():

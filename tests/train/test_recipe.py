@@ -1,4 +1,5 @@
 import json
+from html import escape
 
 import pytest
 
@@ -87,3 +88,44 @@ def test_finetune_only_and_probe_only(image_folder, tmp_path):
         2,
         3,
     )
+
+
+def test_salted_folder_trains_and_names_every_bad_file(salted_folder, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (100, 100), (200, 120, 40)).save(salted_folder / "cats" / "huge.png")
+    run_dir = tmp_path / "salted-run"
+    train_classifier(salted_folder, _cfg(epochs=1, max_pixels=5000), run_dir=run_dir)
+    report = json.loads((run_dir / "data_report.json").read_text())
+    bad = {b["path"]: b["reason"] for b in report["unreadable"]}
+    assert set(bad) == {
+        "cats/corrupt.jpg",
+        "cats/empty.png",
+        "cats/notes.txt",
+        "cats/huge.png",
+        "dogs/truncated.jpg",
+    }
+    assert "5000" in bad["cats/huge.png"] or "pixel" in bad["cats/huge.png"]
+    html = (run_dir / "report.html").read_text()
+    for path, reason in bad.items():
+        assert path in html
+        assert escape(reason) in html
+    assert "dogs/from_cats_01.png" in html  # the label conflict is shown too
+    used = json.loads((run_dir / "index.json").read_text())["samples"]
+    assert not {s["path"] for s in used} & (set(bad) | {"dogs/from_cats_01.png"})
+
+
+@pytest.mark.parametrize("strategy", ["auto", "probe"])
+def test_reported_test_metrics_match_the_saved_model(image_folder, tmp_path, strategy):
+    """metrics.json must describe model.safetensors, whichever model was kept."""
+    run_dir = tmp_path / strategy
+    train_classifier(image_folder, _cfg(strategy=strategy, epochs=2), run_dir=run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    index = json.loads((run_dir / "index.json").read_text())
+    split = json.loads((run_dir / "split.json").read_text())
+    test = [index["samples"][i] for i in split["test"]]
+    model = load(run_dir)
+    probs = model.predict_proba([image_folder / s["path"] for s in test])
+    truth = [model.classes.index(s["label"]) for s in test]
+    accuracy = float((probs.argmax(1) == truth).mean())
+    assert accuracy == pytest.approx(metrics["splits"]["test"]["accuracy"])

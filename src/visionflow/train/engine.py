@@ -9,6 +9,7 @@ deadline, and an atomic checkpoint every epoch from which :meth:`Engine.fit` res
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -59,6 +60,10 @@ class FitConfig:
     min_delta: float = 0.0
     mixup: float = 0.0
     cutmix: float = 0.0
+    #: Keep the backbone's normalisation statistics fixed (BatchNorm in eval mode) while its
+    #: weights train: a head fitted on frozen features stays valid, and tiny batches of a small
+    #: dataset don't replace ImageNet statistics with noisy ones.
+    bn_frozen: bool = False
     channels_last: bool = True
     amp: str = "auto"
     seed: int = 0
@@ -93,6 +98,9 @@ class Engine:
         callbacks: Progress bars, loggers, pruners.
         checkpoint_dir: Where the per-epoch checkpoint goes (``None``: no checkpoints).
         phase: A name for this fit in history and progress ("finetune").
+        replan: Called once with the first epoch's seconds; returns the total number of epochs
+            to run (the budget planner's second, better-informed guess). The learning-rate
+            schedule follows the new length.
     """
 
     def __init__(
@@ -106,6 +114,7 @@ class Engine:
         callbacks: Sequence[Callback] = (),
         checkpoint_dir: str | Path | None = None,
         phase: str = "finetune",
+        replan: Callable[[float], int] | None = None,
     ) -> None:
         self.model = model
         self.task = task
@@ -116,6 +125,7 @@ class Engine:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.phase = phase
         self.planned_epochs = config.epochs
+        self.replan = replan
         self.history: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- set-up
@@ -152,11 +162,13 @@ class Engine:
     def _scheduler(
         self, optimizer: torch.optim.Optimizer, steps_per_epoch: int
     ) -> torch.optim.lr_scheduler.LambdaLR:
-        total = max(1, self.planned_epochs * steps_per_epoch)
-        warmup = min(total - 1, round(self.config.warmup_epochs * steps_per_epoch))
+        first_total = max(1, self.planned_epochs * steps_per_epoch)
+        warmup = min(first_total - 1, round(self.config.warmup_epochs * steps_per_epoch))
         floor = self.config.min_lr_ratio
 
         def factor(step: int) -> float:
+            # read on every step: a re-plan after the first epoch stretches or shrinks the decay
+            total = max(1, self.planned_epochs * steps_per_epoch)
             if step < warmup:
                 return (step + 1) / (warmup + 1)
             progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -172,6 +184,10 @@ class Engine:
         self.model.train()
         if frozen:  # frozen BN statistics must not drift either
             self.model.backbone.eval()
+        elif self.config.bn_frozen:
+            for module in self.model.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
@@ -254,6 +270,7 @@ class Engine:
             )
             self.history = list(state.get("history", []))
             start_epoch = int(state["epoch"]) + 1
+            self.planned_epochs = int(state.get("planned_epochs", self.planned_epochs))
             best_metric, best_epoch = state.get("best_metric"), state.get("best_epoch")
             bad_epochs = int(state.get("bad_epochs", 0))
             best_loss = state.get("best_loss")
@@ -270,7 +287,9 @@ class Engine:
         stopped = "epochs"
         epoch_seconds: float | None = None
         try:
-            for epoch in range(start_epoch, self.planned_epochs):
+            for epoch in itertools.count(start_epoch):
+                if epoch >= self.planned_epochs:
+                    break
                 if epoch_seconds is not None and not self.deadline.allows(epoch_seconds):
                     stopped = "budget"
                     break
@@ -336,6 +355,9 @@ class Engine:
                             "config": cfg.to_json(),
                         },
                     )
+                if self.replan is not None and epoch == start_epoch and not resume:
+                    # the first real epoch is the best estimate of what the rest will cost
+                    self.planned_epochs = max(epoch + 1, self.replan(record["seconds"]))
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, record)
                 if cfg.patience is not None and bad_epochs >= cfg.patience:

@@ -338,13 +338,17 @@ class _Pipeline:
                 "seconds": time.monotonic() - t0,
                 "val_accuracy": result.val_accuracy,
                 "val_loss": result.val_loss,
+                "cv_accuracy": result.cv_accuracy,
                 "C": result.C,
+                "C_selected_by": result.selected_by,
+                "refit_on_val": result.refit,
                 "feature_images_per_second": self.images_per_second,
             }
         )
+        cv = f", cv {result.cv_accuracy:.3f}" if result.cv_accuracy is not None else ""
         _log(
             self.console,
-            f"[bold]linear probe[/]: val accuracy {result.val_accuracy:.3f} "
+            f"[bold]linear probe[/]: val accuracy {_pct(result.val_accuracy)}{cv} "
             f"(C={result.C}, {format_seconds(time.monotonic() - t0)})",
         )
         return result
@@ -365,6 +369,7 @@ class _Pipeline:
             patience=cfg.patience,
             mixup=cfg.mixup,
             cutmix=cfg.cutmix,
+            bn_frozen=lpft if cfg.freeze_bn is None else cfg.freeze_bn,
             channels_last=cfg.channels_last,
             amp=cfg.amp,
             seed=cfg.seed,
@@ -411,6 +416,12 @@ class _Pipeline:
         self.epoch_estimate = epoch
         return max(0, min(cfg.epochs, epochs))
 
+    def _replan(self, first_epoch_seconds: float) -> int:
+        """Total epochs once one epoch has been timed (the first plan is only an estimate)."""
+        available = self.deadline.remaining() - _RESERVE_SECONDS - self._final_eval_seconds()
+        more = int(max(0.0, available) // (first_epoch_seconds * 1.03))
+        return min(self.config.epochs, 1 + more)
+
     def _final_eval_seconds(self) -> float:
         n = len(self.split.test) + len(self.split.train) + len(self.split.val)
         speed: float | None = getattr(self, "images_per_second", None)
@@ -426,7 +437,8 @@ class _Pipeline:
             with torch.no_grad():
                 head.fc.weight.copy_(probe.weight)
                 head.fc.bias.copy_(probe.bias)
-        model = TaskModel(self.backbone, head)
+        # a copy: the pretrained backbone stays untouched for the probe's features and model
+        model = TaskModel(copy.deepcopy(self.backbone), head)
         train_loader = self.loader("train", augment=True)
         state = self.run.state()
         if resume and "finetune_summary" in state:  # finished before the kill: reuse it
@@ -448,6 +460,7 @@ class _Pipeline:
             self.fit_config(epochs, lpft),
             callbacks=[*callbacks, _ElapsedSaver(self.run, self.deadline)],
             checkpoint_dir=self.run.path("checkpoint"),
+            replan=self._replan if self.deadline.seconds is not None else None,
         )
         result = engine.fit(
             train_loader,
@@ -459,7 +472,8 @@ class _Pipeline:
         summary = {
             "name": "fine-tune",
             "seconds": time.monotonic() - t0,
-            "planned_epochs": epochs,
+            "planned_epochs": engine.planned_epochs,
+            "first_plan": epochs,
             "epochs": len(result.history),
             "best_epoch": result.best_epoch,
             "val_accuracy": result.best_metric,
@@ -549,19 +563,21 @@ def train_classifier(
     # ------------------------------------------------------------ selection
     probe_acc = probe.val_accuracy if probe is not None else None
     ft_acc = ft_summary["val_accuracy"] if ft_summary is not None else None
-    if ft_model is not None and ft_acc is not None and (probe_acc is None or ft_acc >= probe_acc):
+    # the probe is refitted on train + val, so on a tie it is the one that saw more data
+    if ft_model is not None and ft_acc is not None and (probe_acc is None or ft_acc > probe_acc):
         chosen, model = "finetune", ft_model
+        trained_on = ["train"]
     else:
         if probe is None:
             raise DataError("fine-tuning produced no model within the budget; raise --budget")
         chosen = "probe"
+        trained_on = ["train", "val"] if probe.refit else ["train"]
         head = LinearHead(pipe.dim, len(pipe.index.classes))
+        weight, bias = probe.final_layer()
         with torch.no_grad():
-            head.fc.weight.copy_(probe.weight)
-            head.fc.bias.copy_(probe.bias)
-        # the fine-tune (if any) changed the shared backbone: reload the pretrained one
-        backbone = create_backbone(config.backbone, weights=pipe.weights)
-        model = TaskModel(backbone, head)
+            head.fc.weight.copy_(weight)
+            head.fc.bias.copy_(bias)
+        model = TaskModel(pipe.backbone, head)
     model.eval()
     save_weights(run.path("model.safetensors"), model)
     _log(
@@ -598,6 +614,7 @@ def train_classifier(
         "feature_dim": pipe.dim,
         "head": "linear",
         "chosen": chosen,
+        "trained_on": trained_on,
         "weights": pipe.weights.provenance(),
         "data_fingerprint": _fingerprint(pipe.index),
         "created_at": _now(),
@@ -606,13 +623,19 @@ def train_classifier(
     seconds = deadline.elapsed()
     findings = diagnose(
         pipe.history,
-        final={k: {"accuracy": v["accuracy"]} for k, v in metrics.items()},
+        # a split the kept model was fitted on says nothing about generalisation
+        final={
+            k: {"accuracy": v["accuracy"]}
+            for k, v in metrics.items()
+            if k == "train" or k not in trained_on
+        },
         n_val=len(pipe.split.val),
     )
     atomic_write_json(
         run.path("metrics.json"),
         {
             "chosen": chosen,
+            "trained_on": trained_on,
             "seconds": seconds,
             "budget_seconds": config.budget_seconds(),
             "phases": pipe.phases,
@@ -620,7 +643,8 @@ def train_classifier(
             "findings": [f.to_json() for f in findings],
         },
     )
-    report_path = _write_report(pipe, run, metrics, outputs, findings, chosen, seconds)
+    kept = f"{chosen} (trained on {' + '.join(trained_on)})"
+    report_path = _write_report(pipe, run, metrics, outputs, findings, kept, seconds)
     run.update_state(stage="done", elapsed=seconds)
     return RunResult(
         run_dir=run.dir,
