@@ -47,15 +47,17 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(default=0.05, ge=0)
     warmup_epochs: float = Field(default=1.0, ge=0)
     label_smoothing: float = Field(default=0.1, ge=0, lt=1)
-    augment: Literal["none", "light", "medium", "heavy"] = "medium"
+    augment: Literal["auto", "none", "light", "medium", "heavy"] = Field(
+        default="auto",
+        description="auto: light for short fine-tunes (< 20 epochs), medium for longer ones",
+    )
     hflip: bool = True
     mixup: float = Field(default=0.0, ge=0)
     cutmix: float = Field(default=0.0, ge=0)
     balance: Literal["auto", "weights", "sampler", "none"] = "auto"
     freeze_epochs: int = Field(default=0, ge=0)
-    freeze_bn: bool | None = Field(
-        default=None,
-        description="keep BatchNorm statistics fixed while fine-tuning (default: with LP-FT)",
+    freeze_bn: bool = Field(
+        default=False, description="keep BatchNorm statistics fixed while fine-tuning"
     )
     patience: int | None = Field(default=5, ge=1)
     grad_clip: float | None = Field(default=1.0, gt=0)

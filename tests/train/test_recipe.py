@@ -39,7 +39,11 @@ def test_end_to_end_run_directory(image_folder, tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["chosen"] in {"probe", "finetune"}
     assert set(metrics["splits"]) == {"train", "val", "test"}
-    assert [p["name"] for p in metrics["phases"]] == ["data checks", "linear probe", "fine-tune"]
+    names = [p["name"] for p in metrics["phases"]]
+    assert names == ["data checks", "linear probe", "fine-tune", "weight ensemble"]
+    ensemble = metrics["phases"][-1]
+    assert [t["alpha"] for t in ensemble["tried"]] == [1.0, 0.75, 0.5]
+    assert ensemble["alpha"] in {1.0, 0.75, 0.5}
     assert len(result.history) == 3
     assert json.loads((run_dir / "state.json").read_text())["stage"] == "done"
     html = (run_dir / "report.html").read_text()

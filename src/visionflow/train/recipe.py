@@ -248,13 +248,17 @@ class _Pipeline:
             dropout=cfg.dropout,
         )
         self.cache = DecodedImageCache(cfg.cache_mb * 2**20)
+        # "auto" is settled once the fine-tune's length is known (see finetune)
+        self.augment_policy = "light" if cfg.augment == "auto" else cfg.augment
         self.workers = _auto_workers(self.device, cfg.num_workers)
         atomic_write_json(self.run.path("weights.json"), self.weights.provenance())
 
     def dataset(self, split: str, *, augment: bool) -> ImageDataset:
         cfg, pre = self.config, self.preprocessing
         transform = (
-            train_transform(pre, cfg.augment, hflip=cfg.hflip) if augment else eval_transform(pre)
+            train_transform(pre, self.augment_policy, hflip=cfg.hflip)
+            if augment
+            else eval_transform(pre)
         )
         samples = [self.index.samples[i] for i in self.split[split]]
         return ImageDataset(
@@ -284,6 +288,73 @@ class _Pipeline:
 
     def _engine(self, model: TaskModel, fit: FitConfig, **kwargs: Any) -> Engine:
         return Engine(model, self.task, fit, device=self.device, deadline=self.deadline, **kwargs)
+
+    # ------------------------------------------------------ weight ensemble
+    def interpolate(
+        self, probe: ProbeResult, model: TaskModel, summary: dict[str, Any]
+    ) -> tuple[TaskModel, dict[str, Any]]:
+        """WiSE-FT (Wortsman et al., 2022): mix pretrained+probe and fine-tuned weights.
+
+        LP-FT starts from the probe, so the two ends share one basin and their average is
+        often better than either on small data. The mixing weight is chosen on validation
+        among a few values; 1.0 (the plain fine-tune) stays a candidate. Skipped when the budget
+        cannot pay for the extra validation passes.
+        """
+        alphas = (0.75, 0.5)
+        val_seconds = len(self.split.val) * self._seconds_per_image()
+        spare = self.deadline.remaining() - _RESERVE_SECONDS - self._final_eval_seconds()
+        if len(self.split.val) == 0 or spare < len(alphas) * val_seconds * 1.2:
+            return model, summary
+        t0 = time.monotonic()
+        head = self.task.build_head(self.dim)
+        if isinstance(head, LinearHead):
+            with torch.no_grad():
+                head.fc.weight.copy_(probe.weight)
+                head.fc.bias.copy_(probe.bias)
+        start = {
+            k: v.detach().cpu() for k, v in TaskModel(self.backbone, head).state_dict().items()
+        }
+        end = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        best_alpha, best_acc = 1.0, summary["val_accuracy"]
+        best_loss = summary.get("val_loss")
+        tried: list[dict[str, Any]] = [{"alpha": 1.0, "val_accuracy": best_acc}]
+        loader = self.loader("val", augment=False)
+        engine = self._engine(
+            model, FitConfig(channels_last=self.config.channels_last, amp=self.config.amp)
+        )
+        for alpha in alphas:
+            model.load_state_dict(_mix_state(start, end, alpha))
+            logits, targets = engine.predict(loader)
+            metrics = self.task.metrics(logits, targets)
+            tried.append({"alpha": alpha, **metrics})
+            better = metrics["accuracy"] > best_acc or (
+                metrics["accuracy"] == best_acc
+                and best_loss is not None
+                and metrics["loss"] < best_loss
+            )
+            if better:
+                best_alpha, best_acc, best_loss = alpha, metrics["accuracy"], metrics["loss"]
+        model.load_state_dict(end if best_alpha == 1.0 else _mix_state(start, end, best_alpha))
+        summary = {**summary, "alpha": best_alpha, "val_accuracy": best_acc}
+        self.phases.append(
+            {
+                "name": "weight ensemble",
+                "seconds": time.monotonic() - t0,
+                "alpha": best_alpha,
+                "tried": tried,
+                "val_accuracy": best_acc,
+            }
+        )
+        _log(
+            self.console,
+            f"[bold]weight ensemble[/]: fine-tuned share {best_alpha:g}, "
+            f"val accuracy {_pct(best_acc)}",
+        )
+        return model, summary
+
+    def _seconds_per_image(self) -> float:
+        speed: float | None = getattr(self, "images_per_second", None)
+        return 1.0 / speed if speed else 0.05
 
     # --------------------------------------------------------------- probe
     def features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,10 +427,11 @@ class _Pipeline:
     # ------------------------------------------------------------ finetune
     def fit_config(self, epochs: int, lpft: bool) -> FitConfig:
         cfg = self.config
-        backbone_lr = cfg.backbone_lr or (1e-4 if lpft else 3e-4)
+        backbone_lr = cfg.backbone_lr or 3e-4
         return FitConfig(
             epochs=epochs,
-            lr=cfg.lr or (backbone_lr * 5 if lpft else 1e-3),
+            # a probe-initialised head is already good: it moves only a little faster
+            lr=cfg.lr or (backbone_lr * 2 if lpft else 1e-3),
             backbone_lr=backbone_lr,
             layer_decay=cfg.layer_decay,
             weight_decay=cfg.weight_decay,
@@ -369,7 +441,7 @@ class _Pipeline:
             patience=cfg.patience,
             mixup=cfg.mixup,
             cutmix=cfg.cutmix,
-            bn_frozen=lpft if cfg.freeze_bn is None else cfg.freeze_bn,
+            bn_frozen=bool(cfg.freeze_bn),
             channels_last=cfg.channels_last,
             amp=cfg.amp,
             seed=cfg.seed,
@@ -424,9 +496,7 @@ class _Pipeline:
 
     def _final_eval_seconds(self) -> float:
         n = len(self.split.test) + len(self.split.train) + len(self.split.val)
-        speed: float | None = getattr(self, "images_per_second", None)
-        per_image = 1.0 / speed if speed else 0.05
-        return n * per_image
+        return n * self._seconds_per_image()
 
     def finetune(
         self, probe: ProbeResult | None, callbacks: list[Callback], resume: bool
@@ -451,6 +521,11 @@ class _Pipeline:
         else:
             epochs = self.plan_epochs(model, train_loader)
             self.run.update_state(finetune_epochs=epochs)
+        if self.config.augment == "auto":
+            # strong policies pay off over many epochs; a short fine-tune converges faster
+            # on lightly augmented images
+            self.augment_policy = "light" if epochs < 20 else "medium"
+            train_loader = self.loader("train", augment=True)
         if epochs < 1:
             _log(self.console, "[yellow]budget too small for fine-tuning; keeping the probe[/]")
             return model, None
@@ -477,6 +552,10 @@ class _Pipeline:
             "epochs": len(result.history),
             "best_epoch": result.best_epoch,
             "val_accuracy": result.best_metric,
+            "val_loss": next(
+                (h.get("val_loss") for h in result.history if h["epoch"] == result.best_epoch),
+                None,
+            ),
             "stopped": result.stopped,
             "lr": engine.config.lr,
             "backbone_lr": engine.config.backbone_lr,
@@ -484,6 +563,20 @@ class _Pipeline:
         self.phases.append(summary)
         self.run.update_state(finetune_summary=summary)
         return model, summary
+
+
+def _mix_state(
+    start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
+    """(1 - alpha) * start + alpha * end for floating tensors; integer buffers come from end."""
+    out = {}
+    for key, value in end.items():
+        base = start[key]
+        if value.is_floating_point():
+            out[key] = torch.lerp(base.to(value.dtype), value, alpha)
+        else:
+            out[key] = value
+    return out
 
 
 def train_classifier(
@@ -559,6 +652,8 @@ def train_classifier(
             pipe.images_per_second = None
         ft_model, ft_summary = pipe.finetune(probe, cbs, resume)
         stage("finetuned")
+    if ft_model is not None and ft_summary is not None and probe is not None:
+        ft_model, ft_summary = pipe.interpolate(probe, ft_model, ft_summary)
 
     # ------------------------------------------------------------ selection
     probe_acc = probe.val_accuracy if probe is not None else None
@@ -644,6 +739,9 @@ def train_classifier(
         },
     )
     kept = f"{chosen} (trained on {' + '.join(trained_on)})"
+    alpha = ft_summary.get("alpha", 1.0) if ft_summary is not None else 1.0
+    if chosen == "finetune" and alpha < 1.0:
+        kept += f", weights {alpha:g} fine-tuned + {1 - alpha:g} pretrained/probe"
     report_path = _write_report(pipe, run, metrics, outputs, findings, kept, seconds)
     run.update_state(stage="done", elapsed=seconds)
     return RunResult(
