@@ -19,29 +19,43 @@ def _state(run_dir):
         return {}
 
 
+def _checkpoint_epoch(run_dir):
+    """Last epoch in the per-epoch checkpoint (-1 while there is none or it is being swapped)."""
+    try:
+        payload = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    except (OSError, ValueError):
+        return -1
+    return int(payload["state"]["epoch"])
+
+
 def test_sigkill_then_resume(image_folder, tmp_path):
     run_dir = tmp_path / "runs" / "killed"
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("patience: null\nstrategy: finetune\n")  # no early stop: many epochs
     args = [sys.executable, "-m", "visionflow.cli", "train", str(image_folder),
+            "--config", str(settings),
             "--backbone", "test_efficientnet", "--weights", "none", "--img-size", "32",
-            "--epochs", "40", "--batch-size", "4", "--budget", "none",
+            "--epochs", "60", "--batch-size", "4", "--budget", "none",
             "--out", str(tmp_path / "runs"), "--name", "killed"]  # fmt: skip
     env = {**os.environ, "VISIONFLOW_OFFLINE": "1"}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "first.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=sink)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            history = run_dir / "checkpoint" / "state.json"
-            if history.is_file() and json.loads(history.read_text()).get("epoch", -1) >= 1:
+            if _checkpoint_epoch(run_dir) >= 1:
                 break
             time.sleep(0.2)
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        assert proc.poll() is None, log.read_text()
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert _state(run_dir).get("stage") != "done"
-    done_before = json.loads((run_dir / "checkpoint" / "state.json").read_text())["epoch"]
+    done_before = _checkpoint_epoch(run_dir)
+    assert done_before >= 1
 
     resumed = subprocess.run(
         [sys.executable, "-m", "visionflow.cli", "train", "--resume", str(run_dir)],

@@ -56,8 +56,13 @@ class TrainConfig(BaseModel):
     cutmix: float = Field(default=0.0, ge=0)
     balance: Literal["auto", "weights", "sampler", "none"] = "auto"
     freeze_epochs: int = Field(default=0, ge=0)
-    freeze_bn: bool = Field(
-        default=False, description="keep BatchNorm statistics fixed while fine-tuning"
+    freeze_bn: bool | None = Field(
+        default=None,
+        description=(
+            "keep BatchNorm statistics fixed while fine-tuning (default: when the head starts "
+            "from the probe, whose features they define; measured on the digits benchmark, "
+            "val accuracy 0.83 frozen vs 0.70 trainable)"
+        ),
     )
     patience: int | None = Field(default=5, ge=1)
     grad_clip: float | None = Field(default=1.0, gt=0)

@@ -427,7 +427,7 @@ class _Pipeline:
     # ------------------------------------------------------------ finetune
     def fit_config(self, epochs: int, lpft: bool) -> FitConfig:
         cfg = self.config
-        backbone_lr = cfg.backbone_lr or 3e-4
+        backbone_lr = cfg.backbone_lr or (2e-4 if lpft else 3e-4)
         return FitConfig(
             epochs=epochs,
             # a probe-initialised head is already good: it moves only a little faster
@@ -441,7 +441,7 @@ class _Pipeline:
             patience=cfg.patience,
             mixup=cfg.mixup,
             cutmix=cfg.cutmix,
-            bn_frozen=bool(cfg.freeze_bn),
+            bn_frozen=lpft if cfg.freeze_bn is None else cfg.freeze_bn,
             channels_last=cfg.channels_last,
             amp=cfg.amp,
             seed=cfg.seed,
