@@ -148,3 +148,17 @@ def test_unlabelled_samples_and_bad_workers(image_folder):
     assert len(clean) == 36
     with pytest.raises(ConfigError, match="workers"):
         check_dataset(index, workers=0)
+
+
+def test_render_summarises_a_dataset_of_small_images():
+    from visionflow.data import BadFile
+
+    report = DataReport(
+        root="r", format="folder", num_files=40, num_usable=40, classes=["a"], counts={"a": 40},
+        imbalance_ratio=1.0,
+    )  # fmt: skip
+    report.tiny = [BadFile(f"a/{i:02d}.png", "8x8 pixels") for i in range(40)]
+    console = Console(record=True, width=120)
+    report.render(console)
+    text = console.export_text()
+    assert "all 40 usable images (8x8 pixels)" in text and "a/00.png" not in text

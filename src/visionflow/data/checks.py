@@ -162,7 +162,19 @@ class DataReport:
                 for c in self.conflicts
             ],
         )
-        _render_list(console, "Tiny images (kept)", [f"{b.path}: {b.reason}" for b in self.tiny])
+        if self.tiny and len(self.tiny) == self.num_usable:
+            # a dataset of small images (digits, icons) is not a list of problems
+            reasons = sorted({b.reason for b in self.tiny})
+            detail = reasons[0] if len(reasons) == 1 else f"{len(reasons)} different sizes"
+            console.print(
+                f"[bold]Tiny images (kept)[/]: all {len(self.tiny)} usable images ({detail}); "
+                "the full list is in the JSON report",
+                highlight=False,
+            )
+        else:
+            _render_list(
+                console, "Tiny images (kept)", [f"{b.path}: {b.reason}" for b in self.tiny]
+            )
         _render_list(console, "Warnings", list(self.warnings), style="yellow")
 
     # ------------------------------------------------------------------ verdict
