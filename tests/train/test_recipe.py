@@ -40,7 +40,13 @@ def test_end_to_end_run_directory(image_folder, tmp_path):
     assert metrics["chosen"] in {"probe", "finetune"}
     assert set(metrics["splits"]) == {"train", "val", "test"}
     names = [p["name"] for p in metrics["phases"]]
-    assert names == ["data checks", "linear probe", "fine-tune", "weight ensemble"]
+    assert names == [
+        "data checks",
+        "ONNX export (features)",
+        "linear probe",
+        "fine-tune",
+        "weight ensemble",
+    ]
     ensemble = metrics["phases"][-1]
     assert [t["alpha"] for t in ensemble["tried"]] == [1.0, 0.75, 0.5]
     assert ensemble["alpha"] in {1.0, 0.75, 0.5}

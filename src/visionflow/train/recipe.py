@@ -50,6 +50,7 @@ from visionflow.evaluate.plots import (
 from visionflow.evaluate.report import ReportContext, write_report
 from visionflow.models.backbones import create_backbone, feature_dim
 from visionflow.models.heads import LinearHead, TaskModel
+from visionflow.models.onnx_features import OnnxFeatureExtractor, onnx_feature_extractor
 from visionflow.models.tasks.classification import ClassificationTask
 from visionflow.models.weights import ResolvedWeights, resolve_weights
 from visionflow.train.budget import Deadline, format_seconds
@@ -374,17 +375,45 @@ class _Pipeline:
 
             cached = load_file(str(path))
             return cached["features"], cached["targets"]
-        fit = FitConfig(channels_last=self.config.channels_last, amp=self.config.amp)
-        extractor = TaskModel(self.backbone, nn.Identity())
         loader = self.loader(split, augment=False)
         total = len(loader.dataset)  # type: ignore[arg-type]
+        onnx = self._onnx_extractor()
         with _progress(self.progress, self.console, f"features ({split})", total) as step:
-            feats, targets = self._engine(extractor, fit).predict(loader, on_batch=step)
+            if onnx is not None:
+                outs, tgts = [], []
+                for images, target in loader:
+                    outs.append(onnx(images))
+                    tgts.append(torch.as_tensor(target))
+                    step(len(images))
+                feats = torch.cat(outs) if outs else torch.empty(0, self.dim)
+                targets = torch.cat(tgts) if tgts else torch.empty(0, dtype=torch.long)
+            else:
+                fit = FitConfig(channels_last=self.config.channels_last, amp=self.config.amp)
+                extractor = TaskModel(self.backbone, nn.Identity())
+                feats, targets = self._engine(extractor, fit).predict(loader, on_batch=step)
         path.parent.mkdir(parents=True, exist_ok=True)
         from safetensors.torch import save_file
 
         save_file({"features": feats.contiguous(), "targets": targets.contiguous()}, str(path))
         return feats, targets
+
+    def _onnx_extractor(self) -> OnnxFeatureExtractor | None:
+        """The frozen backbone on ONNX Runtime (CPU only; tried once per run, else None)."""
+        if not self.config.onnx_features or self.device.type != "cpu":
+            return None
+        if not hasattr(self, "_onnx"):
+            name = f"{self.config.backbone}-{self.preprocessing.input_size}.onnx"
+            self._onnx = onnx_feature_extractor(
+                self.backbone,
+                self.preprocessing.input_size,
+                self.run.path(f"features/{name}"),
+                threads=torch.get_num_threads(),
+            )
+            if self._onnx is not None:
+                self.phases.append(
+                    {"name": "ONNX export (features)", "max_abs_diff": self._onnx.max_abs_diff}
+                )
+        return self._onnx
 
     def probe(self) -> ProbeResult:
         t0 = time.monotonic()
