@@ -56,6 +56,11 @@ class TrainConfig(BaseModel):
     cutmix: float = Field(default=0.0, ge=0)
     balance: Literal["auto", "weights", "sampler", "none"] = "auto"
     freeze_epochs: int = Field(default=0, ge=0)
+    feature_cache: str | None = Field(
+        default=None,
+        description="folder shared by runs for frozen features, keyed by backbone, weights, "
+        "preprocessing and the files' size and mtime (default: inside the run)",
+    )
     onnx_features: bool = Field(
         default=True,
         description="compute the probe's frozen features with ONNX Runtime on CPU (checked "

@@ -139,3 +139,29 @@ def test_reported_test_metrics_match_the_saved_model(image_folder, tmp_path, str
     truth = [model.classes.index(s["label"]) for s in test]
     accuracy = float((probs.argmax(1) == truth).mean())
     assert accuracy == pytest.approx(metrics["splits"]["test"]["accuracy"])
+
+
+def test_feature_cache_is_shared_by_runs_and_invalidated_by_changes(image_folder, tmp_path):
+    cache = tmp_path / "cache"
+    cfg = _cfg(strategy="probe", feature_cache=str(cache))
+
+    def probe_phase(result):
+        return next(p for p in result.phases if p["name"] == "linear probe")
+
+    first = train_classifier(image_folder, cfg, run_dir=tmp_path / "a")
+    assert probe_phase(first)["feature_cache_hits"] == 0
+    assert len(list(cache.glob("*.safetensors"))) == 3  # train, val and (evaluation) test
+    second = train_classifier(image_folder, cfg, run_dir=tmp_path / "b")
+    assert probe_phase(second)["feature_cache_hits"] == 2
+    assert second.metrics["val"]["accuracy"] == first.metrics["val"]["accuracy"]
+    assert not list(cache.glob(".*.tmp"))
+
+    # replacing one image changes the key of the split that holds it
+    target = sorted((image_folder / "red").iterdir())[0]
+    from PIL import Image
+
+    with Image.open(target) as original:
+        fmt = original.format
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(target, format=fmt)
+    third = train_classifier(image_folder, cfg, run_dir=tmp_path / "c")
+    assert probe_phase(third)["feature_cache_hits"] < 2

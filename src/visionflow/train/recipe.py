@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -101,6 +102,14 @@ class _Run:
         atomic_write_json(self.path(_STATE), state)
 
 
+def _file_stamp(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (-1, -1)
+    return (st.st_size, st.st_mtime_ns)
+
+
 def _fingerprint(index: DatasetIndex) -> str:
     """A content-light fingerprint of the dataset: relative paths, labels and file sizes."""
     digest = hashlib.sha256()
@@ -179,6 +188,7 @@ class _Pipeline:
         self.device = select_device(config.device)
         configure_threads()
         self.phases: list[dict[str, Any]] = []
+        self.feature_cache_hits = 0
 
     # ----------------------------------------------------------------- data
     def load_data(self, data: Path, resume: bool) -> None:
@@ -360,21 +370,33 @@ class _Pipeline:
     # --------------------------------------------------------------- probe
     def features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen features of a split, cached in the run (keyed by model, weights and data)."""
+        samples = [self.index.samples[i] for i in self.split[split]]
         key_src = json.dumps(
             {
                 "backbone": self.config.backbone,
-                "weights": self.weights.sha256,
+                "weights": self.weights.sha256 or self.weights.source,
                 "pre": self.preprocessing.to_json(),
-                "samples": [self.index.samples[i].path.as_posix() for i in self.split[split]],
+                "classes": self.index.classes,
+                # a changed or replaced file changes its size or modification time
+                "samples": [[s.path.as_posix(), s.label, *_file_stamp(s.path)] for s in samples],
             }
         )
-        key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-        path = self.run.path(f"features/{split}-{key}.safetensors")
+        key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
+        cache_dir = (
+            Path(self.config.feature_cache).expanduser()
+            if self.config.feature_cache
+            else self.run.path("features")
+        )
+        path = cache_dir / f"{self.config.backbone}-{key}.safetensors"
         if path.is_file():
             from safetensors.torch import load_file
 
-            cached = load_file(str(path))
-            return cached["features"], cached["targets"]
+            try:
+                cached = load_file(str(path))
+                self.feature_cache_hits += 1
+                return cached["features"], cached["targets"]
+            except Exception:  # a damaged cache entry is recomputed, never trusted
+                path.unlink(missing_ok=True)
         loader = self.loader(split, augment=False)
         total = len(loader.dataset)  # type: ignore[arg-type]
         onnx = self._onnx_extractor()
@@ -394,7 +416,10 @@ class _Pipeline:
         path.parent.mkdir(parents=True, exist_ok=True)
         from safetensors.torch import save_file
 
-        save_file({"features": feats.contiguous(), "targets": targets.contiguous()}, str(path))
+        # written under a unique name, then renamed: workers sharing a cache never see half a file
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"features": feats.contiguous(), "targets": targets.contiguous()}, str(tmp))
+        os.replace(tmp, path)
         return feats, targets
 
     def _onnx_extractor(self) -> OnnxFeatureExtractor | None:
@@ -431,7 +456,9 @@ class _Pipeline:
             seed=self.config.seed,
         )
         n = len(xtr) + len(xva)
-        self.images_per_second = n / extract_s if extract_s > 0 else None
+        # features read from the cache say nothing about the network's speed
+        measured = self.feature_cache_hits == 0 and extract_s > 0
+        self.images_per_second = n / extract_s if measured else None
         self.phases.append(
             {
                 "name": "linear probe",
@@ -441,6 +468,7 @@ class _Pipeline:
                 "cv_accuracy": result.cv_accuracy,
                 "C": result.C,
                 "C_selected_by": result.selected_by,
+                "feature_cache_hits": self.feature_cache_hits,
                 "refit_on_val": result.refit,
                 "feature_images_per_second": self.images_per_second,
             }
