@@ -58,8 +58,9 @@ def select_device(name: str = "auto") -> torch.device:
 def autocast_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
     """The autocast dtype for ``amp`` (``auto``/``bf16``/``fp16``/``off``) on ``device``.
 
-    ``auto`` uses bf16 on CUDA GPUs that support it (fp16 otherwise) and nothing on CPU, where
-    bf16 is only faster on CPUs with AMX/AVX512-BF16 and costs accuracy everywhere else.
+    ``auto`` uses bf16 on CUDA GPUs with bf16 tensor cores (Ampere, sm_80, and newer; fp16
+    otherwise) and nothing on CPU, where bf16 is only faster on CPUs with AMX/AVX512-BF16 and
+    costs accuracy everywhere else.
     """
     amp = (amp or "auto").lower()
     if amp == "off":
@@ -71,5 +72,16 @@ def autocast_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | Non
     if amp != "auto":
         raise ConfigError(f"amp must be auto, bf16, fp16 or off, got {amp!r}")
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if _native_bf16(device) else torch.float16
     return None
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware.
+
+    ``torch.cuda.is_bf16_supported()`` also answers yes for GPUs that only emulate bf16 (V100,
+    T4 and other pre-Ampere cards), where fp16 with loss scaling is the fast choice.
+    """
+    if torch.version.hip:
+        return bool(torch.cuda.is_bf16_supported())
+    return torch.cuda.get_device_capability(device)[0] >= 8

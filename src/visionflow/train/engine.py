@@ -274,6 +274,10 @@ class Engine:
             best_metric, best_epoch = state.get("best_metric"), state.get("best_epoch")
             bad_epochs = int(state.get("bad_epochs", 0))
             best_loss = state.get("best_loss")
+            if self._scaler.is_enabled() and state.get("grad_scaler"):
+                # fp16: continue with the loss scale reached, not the initial 65536 (whose
+                # overflowing first steps would be skipped again)
+                self._scaler.load_state_dict(state["grad_scaler"])
             best_path = self.checkpoint_dir.parent / "best.safetensors"
             if best_path.is_file():
                 from safetensors.torch import load_file
@@ -352,6 +356,7 @@ class Engine:
                             "best_epoch": best_epoch,
                             "bad_epochs": bad_epochs,
                             "best_loss": best_loss,
+                            "grad_scaler": self._scaler.state_dict(),
                             "config": cfg.to_json(),
                         },
                     )
@@ -422,9 +427,14 @@ class Engine:
                 nn.utils.clip_grad_norm_(
                     [p for p in self.model.parameters() if p.grad is not None], cfg.grad_clip
                 )
+            scale = self._scaler.get_scale() if self._scaler.is_enabled() else None
             self._scaler.step(optimizer)
             self._scaler.update()
-            scheduler.step()
+            # fp16: a step with inf/NaN gradients is skipped and the scale lowered; the schedule
+            # follows the optimiser's real steps (as Accelerate does), and PyTorch's "scheduler
+            # before optimizer" warning stays quiet
+            if scale is None or self._scaler.get_scale() >= scale:
+                scheduler.step()
             n = self.task.batch_size(hard)
             value = float(loss.detach())
             total_loss += value * n
