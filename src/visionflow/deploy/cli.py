@@ -1,0 +1,156 @@
+"""``visionflow k8s``: write Kubernetes manifests for a distributed search.
+
+Registered in the main CLI with ``app.add_typer(k8s_app, name="k8s")``. The errors are handled
+as in :mod:`visionflow.cli` (one red line, the error's exit code); the handler is repeated here
+rather than imported because ``visionflow.cli`` imports this module, and importing back from a
+half-initialised module would fail.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from visionflow.deploy.k8s import DATA_MOUNT, DEFAULT_IMAGE, NOT_APPLIED, write_tune_manifests
+from visionflow.errors import VisionflowError
+
+__all__ = ["k8s_app"]
+
+k8s_app = typer.Typer(
+    help="Kubernetes manifests: run a distributed hyper-parameter search on a cluster.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+_err = Console(stderr=True)
+_out = Console()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _handle_errors(func: F) -> F:
+    """Turn library errors into one red line and the error's exit code, no traceback."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except VisionflowError as exc:
+            _err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@k8s_app.command(context_settings={"allow_extra_args": True})
+@_handle_errors
+def tune(
+    ctx: typer.Context,
+    data: Annotated[
+        str,
+        typer.Argument(
+            help=f"The dataset as the pods see it: {DATA_MOUNT} (the data volume) or a path "
+            f"below it, e.g. {DATA_MOUNT}/flowers."
+        ),
+    ],
+    name: Annotated[
+        str,
+        typer.Option(help="Study and run name; prefix of every object (lowercase, digits, '-')."),
+    ],
+    workers: Annotated[int, typer.Option(help="Worker pods joining the study.")] = 2,
+    budget: Annotated[str, typer.Option(help="Wall-clock budget of the whole run.")] = "1h",
+    image: Annotated[str, typer.Option(help="The visionflow image the pods run.")] = (
+        DEFAULT_IMAGE
+    ),
+    namespace: Annotated[
+        str | None, typer.Option(help="Namespace (default: kubectl's current one).")
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="An existing PostgreSQL/MySQL study database; stored in a Secret. "
+            "Default: deploy PostgreSQL."
+        ),
+    ] = None,
+    gpus: Annotated[int, typer.Option(help="GPUs per coordinator and worker pod.")] = 0,
+    cpu: Annotated[str, typer.Option(help="CPU request per pod (e.g. 2, 500m).")] = "2",
+    memory: Annotated[str, typer.Option(help="Memory request and limit per pod.")] = "8Gi",
+    data_claim: Annotated[
+        str | None,
+        typer.Option(help="Existing claim holding the data (default: create NAME-data)."),
+    ] = None,
+    runs_claim: Annotated[
+        str | None,
+        typer.Option(help="Existing ReadWriteMany claim for the runs (default: NAME-runs)."),
+    ] = None,
+    data_size: Annotated[str, typer.Option(help="Size of a created data claim.")] = "20Gi",
+    runs_size: Annotated[str, typer.Option(help="Size of a created runs claim.")] = "20Gi",
+    database_size: Annotated[str, typer.Option(help="Size of the database volume.")] = "5Gi",
+    storage_class: Annotated[
+        str | None,
+        typer.Option(help="Storage class of created claims (must offer ReadWriteMany)."),
+    ] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Where to write (default: k8s/NAME).")
+    ] = None,
+) -> None:
+    """Write the manifests of a distributed search: database, volumes, coordinator, workers.
+
+    More `visionflow train` options go after `--`, e.g.
+    `visionflow k8s tune /data/flowers --name flowers -- --backbone resnet50`.
+    """
+    target = out_dir if out_dir is not None else Path("k8s") / name
+    written = write_tune_manifests(
+        target,
+        name=name,
+        data_path=data,
+        budget=budget,
+        workers=workers,
+        image=image,
+        namespace=namespace,
+        database_url=database_url,
+        gpus=gpus,
+        cpu=cpu,
+        memory=memory,
+        data_claim=data_claim,
+        runs_claim=runs_claim,
+        data_size=data_size,
+        runs_size=runs_size,
+        database_size=database_size,
+        storage_class=storage_class,
+        extra_args=list(ctx.args),
+    )
+    for path in written:
+        note = "  (not applied: helper for kubectl cp)" if path.name in NOT_APPLIED else ""
+        _out.print(f"wrote {escape(str(path))}{note}", highlight=False, soft_wrap=True)
+    ns = f" -n {shlex.quote(namespace)}" if namespace else ""
+    directory = shlex.quote(str(target))
+    _out.print("")
+    _out.print("next:", highlight=False)
+    _out.print(
+        f"  docker build -f {directory}/Dockerfile -t {shlex.quote(image)} . && "
+        f"docker push {shlex.quote(image)}   # in the visionflow source tree",
+        highlight=False,
+        soft_wrap=True,
+    )
+    _out.print(f"  kubectl apply -k {directory}", highlight=False, soft_wrap=True)
+    _out.print(f"  kubectl logs{ns} -f job/{name}-coordinator", highlight=False, soft_wrap=True)
+    if namespace:
+        _err.print(
+            f"[yellow]note:[/] the namespace {escape(namespace)!s} must exist "
+            f"(kubectl create namespace {escape(namespace)})",
+            highlight=False,
+        )
+    _err.print(
+        f"[yellow]note:[/] {escape(str(target / 'secret.yaml'))} holds the database URL; "
+        "keep it out of version control",
+        highlight=False,
+        soft_wrap=True,
+    )
