@@ -12,7 +12,9 @@ TINY = {"backbone": "test_efficientnet", "weights": "none", "img_size": 32, "epo
 
 
 def test_fit_predict_evaluate_and_load(image_folder, tmp_path):
-    clf = visionflow.AutoClassifier(budget="2m", runs_dir=tmp_path, name="api", **TINY)
+    clf = visionflow.AutoClassifier(
+        budget="2m", runs_dir=tmp_path, name="api", search=False, **TINY
+    )
     with pytest.raises(ConfigError, match="not fitted"):
         clf.predict(["x.png"])
     clf.fit(image_folder)

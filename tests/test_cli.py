@@ -6,13 +6,13 @@ from visionflow.cli import app
 
 runner = CliRunner()
 TINY = ["--backbone", "test_efficientnet", "--weights", "none", "--img-size", "32",
-        "--epochs", "2", "--batch-size", "8", "--budget", "2m"]  # fmt: skip
+        "--epochs", "2", "--batch-size", "8", "--budget", "2m", "--no-search"]  # fmt: skip
 
 
 def test_help_lists_every_command():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("train", "predict", "evaluate", "inspect", "demo"):
+    for command in ("train", "predict", "evaluate", "inspect", "demo", "worker", "k8s"):
         assert command in result.output
     train_help = runner.invoke(app, ["train", "--help"]).output
     for flag in ("--budget", "--backbone", "--img-size", "--out", "--resume", "--weights"):

@@ -36,7 +36,7 @@ def test_sigkill_then_resume(image_folder, tmp_path):
             "--config", str(settings),
             "--backbone", "test_efficientnet", "--weights", "none", "--img-size", "32",
             "--epochs", "60", "--batch-size", "4", "--budget", "none",
-            "--out", str(tmp_path / "runs"), "--name", "killed"]  # fmt: skip
+            "--out", str(tmp_path / "runs"), "--name", "killed", "--no-search"]  # fmt: skip
     env = {**os.environ, "VISIONFLOW_OFFLINE": "1"}
     log = tmp_path / "first.log"
     with log.open("wb") as sink:

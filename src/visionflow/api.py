@@ -247,6 +247,11 @@ class AutoClassifier:
         runs_dir: Parent directory of run directories.
         name: Run name (default: dataset name plus a timestamp).
         verbose: Print progress and the data report to the terminal.
+        search: Search hyper-parameters, then refit the best (``True``, the default), run the
+            single default recipe (``False``), or search with these
+            :class:`~visionflow.config.SearchConfig` settings (a dict: ``workers``,
+            ``storage``, ``trials``, ``pruner``, ``space``...). Settings given as keywords pin
+            the search parameters of the same name.
         **settings: Any :class:`~visionflow.config.TrainConfig` field (``backbone``,
             ``img_size``...).
     """
@@ -260,9 +265,11 @@ class AutoClassifier:
         runs_dir: str | Path = "runs",
         name: str | None = None,
         verbose: bool = False,
+        search: bool | dict[str, Any] = True,
         **settings: Any,
     ) -> None:
         self.budget = budget
+        self.search = search
         self.preset = preset
         self.config = config
         self.runs_dir = runs_dir
@@ -280,9 +287,22 @@ class AutoClassifier:
         cfg = self._resolved_config()
         name = self.name or default_run_name(data)
         console = Console(stderr=True) if self.verbose else None
-        self.result_: RunResult = train_classifier(
-            data, cfg, run_dir=Path(self.runs_dir) / name, console=console
-        )
+        run_dir = Path(self.runs_dir) / name
+        search = self.search
+        if search is True or isinstance(search, dict):
+            from visionflow.config import load_search_config
+            from visionflow.search.runner import search_classifier
+
+            scfg = load_search_config(
+                file=self.config, overrides=search if isinstance(search, dict) else None
+            )
+            found = search_classifier(
+                data, cfg, scfg, run_dir=run_dir, explicit=set(self.settings), console=console
+            )
+            self.search_ = {"study": found.study, "best": found.best, "counts": found.counts}
+            self.result_: RunResult = found.refit
+        else:
+            self.result_ = train_classifier(data, cfg, run_dir=run_dir, console=console)
         self.run_dir_ = self.result_.run_dir
         self.model_ = ClassifierModel.from_run(self.run_dir_, device=cfg.device)
         self.classes_ = self.model_.classes

@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 unexpected error, 2 bad settings, 3 data problem, 4 wei
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -129,14 +130,61 @@ def train(
     resume: Annotated[
         Path | None, typer.Option(help="Continue a killed run (its run directory).")
     ] = None,
+    search: Annotated[
+        bool | None,
+        typer.Option(
+            "--search/--no-search",
+            help="Search hyper-parameters and refit the best (default), or one recipe run.",
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Local worker processes for the search (default 1).")
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="Study storage: a .journal file or sqlite:///f.db / postgresql://user@host/db "
+            "(default: a journal in the run; or $VISIONFLOW_STORAGE).",
+        ),
+    ] = None,
+    trials: Annotated[
+        int | None, typer.Option(help="Most trials in the study (needed with --budget none).")
+    ] = None,
+    pruner: Annotated[str | None, typer.Option(help="hyperband (default), median or none.")] = (
+        None
+    ),
+    space: Annotated[
+        Path | None, typer.Option(help="YAML/JSON file of search-space overrides.")
+    ] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            "-p",
+            help="Pin or narrow a search parameter: lr=1e-4, 'batch_size=[16,32]', "
+            "'lr={low: 1e-5, high: 1e-3}' (repeatable).",
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Check the data, train a classifier within the budget, evaluate it and write a report."""
+    """Check the data, search and train a classifier within the budget, evaluate it and write
+    a report. Re-running the same command with the same --name continues an interrupted search.
+    """
     from visionflow.api import default_run_name
-    from visionflow.config import load_train_config
+    from visionflow.config import load_search_config, load_train_config
     from visionflow.train.recipe import train_classifier
 
     console = None if json_out else err
+    if resume is not None and (resume / "search.json").is_file():
+        from visionflow.search.runner import search_classifier
+
+        state = json.loads((resume / "search.json").read_text(encoding="utf-8"))
+        scfg = load_search_config(overrides=state.get("search", {}))
+        if storage is not None:
+            scfg.storage = storage
+        result = _run_search(search_classifier, state["data"], None, scfg, resume, set(), console)
+        _finish_train(result, json_out)
+        return
     if resume is not None:
         run_dir = resume
         cfg = None
@@ -153,6 +201,26 @@ def train(
         }  # fmt: skip
         cfg = load_train_config(preset=preset, file=config, overrides=overrides)
         run_dir = out_dir / (name or default_run_name(data))
+        scfg = load_search_config(
+            file=config,
+            overrides={
+                "enabled": search, "workers": workers, "storage": storage, "trials": trials,
+                "pruner": pruner,
+            },
+        )  # fmt: skip
+        space_overrides = dict(scfg.space)
+        if space is not None:
+            space_overrides.update(_read_space_file(space))
+        space_overrides.update(_parse_params(param or []))
+        scfg.space = space_overrides
+        if scfg.enabled:
+            from visionflow.search.runner import search_classifier
+
+            explicit = {k for k, v in overrides.items() if v is not None}
+            explicit |= _file_keys(config)
+            result = _run_search(search_classifier, data, cfg, scfg, run_dir, explicit, console)
+            _finish_train(result, json_out)
+            return
     from visionflow.config import TrainConfig
 
     try:
@@ -173,6 +241,111 @@ def train(
         out.print_json(json.dumps(payload))
         return
     _print_summary(result.metrics, result.run_dir, result.report_path, result.seconds)
+
+
+def _run_search(
+    search_classifier: Callable[..., Any],
+    data: Any,
+    cfg: Any,
+    scfg: Any,
+    run_dir: Path,
+    explicit: set[str],
+    console: Console | None,
+) -> Any:
+    from visionflow.config import TrainConfig
+
+    try:
+        return search_classifier(
+            data, cfg or TrainConfig(), scfg, run_dir=run_dir, explicit=explicit, console=console
+        )
+    except KeyboardInterrupt:
+        err.print(
+            f"[yellow]interrupted[/]; run the same command again (same --name) or "
+            f"`visionflow train --resume {run_dir}` to continue the search"
+        )
+        raise typer.Exit(130) from None
+
+
+def _finish_train(result: Any, json_out: bool) -> None:
+    if json_out:
+        payload = {
+            "run_dir": str(result.run_dir),
+            "chosen": result.refit.chosen,
+            "seconds": result.seconds,
+            "report": str(result.report_path),
+            "metrics": {k: _headline(v) for k, v in result.metrics.items()},
+            "search": {"study": result.study, "counts": result.counts, "best": result.best},
+        }
+        out.print_json(json.dumps(payload))
+        return
+    if result.best is not None:
+        out.print(
+            f"best of {result.counts.get('complete', 0)} complete trial(s): trial "
+            f"{result.best['number']}, val accuracy {_pct(result.best['value'])}; "
+            f"leaderboard: {result.run_dir / 'leaderboard.csv'}"
+        )
+    _print_summary(result.metrics, result.run_dir, result.report_path, result.seconds)
+
+
+def _read_space_file(path: Path) -> dict[str, Any]:
+    import yaml
+
+    from visionflow.errors import ConfigError
+
+    if not path.is_file():
+        raise ConfigError(f"search space file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML/JSON ({exc})") from None
+    if isinstance(data, dict) and isinstance(data.get("search"), dict):
+        data = data["search"].get("space", data["search"])
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of search parameters")
+    return {k: _numbers(v) for k, v in data.items()}
+
+
+def _parse_params(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    from visionflow.errors import ConfigError
+
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--param {item!r}: expected NAME=VALUE, e.g. lr=1e-4")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--param {item!r}: value is not valid YAML ({exc})") from None
+        parsed[key.strip()] = _numbers(value)
+    return parsed
+
+
+def _numbers(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string: such strings become numbers, nested too."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+        return value
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    return value
+
+
+def _file_keys(config: Path | None) -> set[str]:
+    if config is None or not config.is_file():
+        return set()
+    import yaml
+
+    try:
+        data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        return set()
+    return {k for k in data if k != "search"} if isinstance(data, dict) else set()
 
 
 def _headline(m: dict[str, Any]) -> dict[str, Any]:
@@ -348,6 +521,41 @@ def demo(
     run_dir = out_dir / "runs" / default_run_name(data)
     result = train_classifier(data, cfg, run_dir=run_dir, console=err)
     _print_summary(result.metrics, result.run_dir, result.report_path, result.seconds)
+
+
+@app.command()
+@_handle_errors
+def worker(
+    study: Annotated[str, typer.Option(help="Study name (the coordinator's run name).")],
+    storage: Annotated[
+        str | None,
+        typer.Option(help="Database URL of the study (default: $VISIONFLOW_STORAGE)."),
+    ] = None,
+    wait: Annotated[
+        float, typer.Option(help="Seconds to wait for the coordinator to create the study.")
+    ] = 600.0,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(help="The run folder here, if not at the coordinator's path."),
+    ] = None,
+) -> None:
+    """Join a running search from this machine or pod; runs trials until its deadline."""
+    from visionflow.search.runner import run_worker
+
+    try:
+        run_worker(study, storage, wait=wait, run_dir=run_dir, console=err)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]; the trial under way is marked failed")
+        raise typer.Exit(130) from None
+
+
+def _register_subcommands() -> None:
+    from visionflow.deploy.cli import k8s_app
+
+    app.add_typer(k8s_app, name="k8s", help="Kubernetes manifests for a distributed search.")
+
+
+_register_subcommands()
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from visionflow.errors import ConfigError
 from visionflow.train.budget import parse_budget
 
-__all__ = ["PRESETS", "TrainConfig", "load_train_config"]
+__all__ = ["PRESETS", "SearchConfig", "TrainConfig", "load_search_config", "load_train_config"]
 
 #: Named bundles of settings; a preset only sets what it names.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -101,6 +101,38 @@ class TrainConfig(BaseModel):
         return parse_budget(self.budget)
 
 
+class SearchConfig(BaseModel):
+    """How ``visionflow train`` searches (the ``search:`` mapping of a settings file).
+
+    The search phase gets ``1 - refit_fraction`` of the budget (less the data checks); the refit
+    of the best configuration gets the rest. One trial may use at most ``trial_fraction`` of the
+    search phase, so a few slow fine-tunes cannot eat it all.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = True
+    workers: int = Field(default=1, ge=1, le=256, description="local worker processes")
+    storage: str | None = Field(
+        default=None,
+        description="study storage: None (a journal file in the run), a .journal path, "
+        "sqlite:///file.db or postgresql://user@host/db",
+    )
+    pruner: Literal["hyperband", "median", "none"] = "hyperband"
+    trials: int | None = Field(
+        default=None,
+        ge=1,
+        description="most trials in the study (all workers); needed without a budget",
+    )
+    refit_fraction: float = Field(default=0.4, gt=0, lt=1)
+    trial_fraction: float = Field(default=0.3, gt=0, le=1)
+    space: dict[str, Any] = Field(
+        default_factory=dict,
+        description="overrides of the search space: a scalar pins, a list narrows the "
+        "choices, {low, high} narrows a range",
+    )
+
+
 def _did_you_mean(key: str, known: list[str]) -> str:
     hint = difflib.get_close_matches(key, known, n=1)
     return f" (did you mean {hint[0]!r}?)" if hint else ""
@@ -147,9 +179,45 @@ def load_train_config(
             raise ConfigError(
                 f"{path}: expected a mapping of settings, got {type(loaded).__name__}"
             )
+        loaded = {k: v for k, v in loaded.items() if k != "search"}
         _validate({**data, **loaded}, str(path))
         data.update(loaded)
     for key, value in (overrides or {}).items():
         if value is not None:
             data[key] = value
     return _validate(data, "settings")
+
+
+def load_search_config(
+    *, file: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> SearchConfig:
+    """The ``search:`` mapping of a settings file, then ``overrides`` (``None`` ignored)."""
+    data: dict[str, Any] = {}
+    where = "search settings"
+    if file is not None:
+        path = Path(file)
+        where = f"{path}: search"
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML/JSON ({exc})") from None
+        section = loaded.get("search", {}) if isinstance(loaded, dict) else {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: 'search' must be a mapping of search settings")
+        data.update(section)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    known = list(SearchConfig.model_fields)
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown setting {key!r}{_did_you_mean(key, known)}")
+    try:
+        return SearchConfig(**data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{where}: {problems}") from None

@@ -26,7 +26,9 @@ TOTAL = 8
 
 
 def space() -> SearchSpace:
-    return SearchSpace.from_overrides(SearchSpace.default(), {"backbone": "resnet18"})
+    return SearchSpace.from_overrides(
+        SearchSpace.default(), {"backbone": "resnet18", "strategy": "lpft"}
+    )
 
 
 def objective_factory(sleep: float):
@@ -133,3 +135,30 @@ def test_killed_worker_trial_is_failed_and_the_study_completes(pg_url, study_nam
     assert failed[0]["number"] == 0
     numbers = [r["number"] for r in study.leaderboard()]
     assert sorted(numbers) == list(range(TOTAL + 1))
+
+
+def test_search_with_two_local_workers_on_postgres(pg_url, study_name, image_folder, tmp_path):
+    """The whole AutoML run (`--storage postgresql://... --workers 2`) on the real server."""
+    from visionflow.config import SearchConfig, TrainConfig
+    from visionflow.search.runner import search_classifier
+
+    config = TrainConfig(
+        backbone="test_efficientnet", weights="none", img_size=32, batch_size=8, budget=None,
+        num_workers=0, patience=None,
+    )  # fmt: skip
+    search = SearchConfig(
+        trials=4, workers=2, storage=pg_url, space={"epochs": {"low": 1, "high": 2}}
+    )
+    result = search_classifier(
+        image_folder,
+        config,
+        search,
+        run_dir=tmp_path / study_name,
+        explicit={"backbone", "weights", "img_size"},
+    )
+    assert result.counts["complete"] + result.counts["pruned"] == 4
+    assert result.counts["running"] == 0
+    study = Study.load(study_name, storage=pg_url)
+    numbers = [r["number"] for r in study.leaderboard()]
+    assert len(numbers) == len(set(numbers))
+    assert (tmp_path / study_name / "model.safetensors").is_file()

@@ -19,6 +19,7 @@ from visionflow.search import (
     SearchSpace,
     load_space,
 )
+from visionflow.search.space import FINETUNE_ONLY
 
 
 def test_default_names_are_the_stable_ones():
@@ -209,7 +210,11 @@ def test_to_train_overrides_builds_a_valid_train_config():
     for _ in range(10):
         params = space.sample(study.ask())
         overrides = space.to_train_overrides(params)
-        assert "lr" not in overrides and overrides["backbone_lr"] == params["lr"]
+        assert "lr" not in overrides
+        if params["strategy"] == "probe":  # conditional: a probe samples no fine-tune setting
+            assert not FINETUNE_ONLY & set(params)
+        else:
+            assert overrides["backbone_lr"] == params["lr"]
         cfg = TrainConfig(**overrides)
         assert cfg.backbone == params["backbone"]
         assert cfg.strategy == params["strategy"]

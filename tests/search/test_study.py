@@ -20,7 +20,8 @@ from visionflow.search import (
 
 def small_space() -> SearchSpace:
     return SearchSpace.from_overrides(
-        SearchSpace.default(), {"backbone": "resnet18", "epochs": {"low": 3, "high": 6}}
+        SearchSpace.default(),
+        {"backbone": "resnet18", "strategy": "lpft", "epochs": {"low": 3, "high": 6}},
     )
 
 

@@ -1,4 +1,4 @@
-"""AutoML search around the one training loop: spaces, studies and (later) budgets and workers.
+"""AutoML search around the one training loop: spaces, studies, the budgeted run and workers.
 
 The training loop never imports Optuna: it receives a :class:`TrialHandle` (``params``,
 ``report``, ``should_prune``, ``set_info``) and raises :class:`TrialPruned` to stop early.
@@ -7,6 +7,7 @@ The training loop never imports Optuna: it receives a :class:`TrialHandle` (``pa
 
 from __future__ import annotations
 
+from visionflow.search.runner import SearchResult, build_space, run_worker, search_classifier
 from visionflow.search.space import (
     PARAM_NAMES,
     Categorical,
@@ -32,11 +33,15 @@ __all__ = [
     "Fixed",
     "FloatRange",
     "IntRange",
+    "SearchResult",
     "SearchSpace",
     "StorageError",
     "Study",
     "TrialHandle",
     "TrialPruned",
+    "build_space",
     "load_space",
     "open_storage",
+    "run_worker",
+    "search_classifier",
 ]

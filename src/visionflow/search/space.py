@@ -34,6 +34,7 @@ from visionflow.config import TrainConfig
 from visionflow.errors import ConfigError
 
 __all__ = [
+    "FINETUNE_ONLY",
     "PARAM_NAMES",
     "Categorical",
     "Dimension",
@@ -59,6 +60,22 @@ PARAM_NAMES: tuple[str, ...] = (
     "cutmix",
     "freeze_epochs",
     "epochs",
+)
+
+#: Parameters that only matter when the backbone is trained: a ``probe`` trial (frozen
+#: features + logistic regression) does not sample them, so they never add noise to its record.
+FINETUNE_ONLY: frozenset[str] = frozenset(
+    {
+        "lr",
+        "weight_decay",
+        "batch_size",
+        "augment",
+        "label_smoothing",
+        "mixup",
+        "cutmix",
+        "freeze_epochs",
+        "epochs",
+    }
 )
 
 #: Search parameter -> TrainConfig field, where the two names differ.
@@ -439,9 +456,15 @@ class SearchSpace(Mapping[str, Dimension]):
 
     # ---------------------------------------------------------------- use
     def sample(self, ask: Suggester) -> dict[str, Any]:
-        """Draw one value per parameter from ``ask``; pinned values are returned unsuggested."""
+        """Draw one value per parameter from ``ask``; pinned values are returned unsuggested.
+
+        The space is conditional: once ``strategy`` is ``probe``, the parameters of
+        :data:`FINETUNE_ONLY` are neither sampled nor returned (put ``strategy`` before them).
+        """
         params: dict[str, Any] = {}
         for name, dim in self._dims.items():
+            if name in FINETUNE_ONLY and params.get("strategy") == "probe":
+                continue
             if isinstance(dim, Categorical):
                 params[name] = ask.suggest_categorical(name, list(dim.choices))
             elif isinstance(dim, FloatRange):

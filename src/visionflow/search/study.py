@@ -302,7 +302,10 @@ class Study:
             grace_period=grace_period,
         )
         with _quiet():
-            sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+            # group: the space is conditional (a probe trial samples no fine-tune parameter)
+            sampler = optuna.samplers.TPESampler(
+                seed=seed, multivariate=True, group=True, constant_liar=True
+            )
             try:
                 study = optuna.create_study(
                     storage=backend,
@@ -364,6 +367,91 @@ class Study:
                     f"study {self.name!r} searched {pname!r} with {was}, now {dim!r}; Optuna "
                     "cannot mix the two in one study: pin it, keep it, or use a new study name"
                 )
+
+    @classmethod
+    def load(
+        cls,
+        name: str,
+        *,
+        storage: str | Path,
+        seed: int = 0,
+        pruner: str = "hyperband",
+        heartbeat_interval: int = 10,
+        grace_period: int = 30,
+    ) -> Study:
+        """Open an existing study with the space recorded in it (a worker joining a search).
+
+        Raises:
+            ConfigError: there is no study ``name`` in ``storage`` (yet).
+        """
+        backend = open_storage(
+            storage, run_dir=None, heartbeat_interval=heartbeat_interval, grace_period=grace_period
+        )
+        names = [s.study_name for s in optuna.get_all_study_summaries(backend)]
+        if name not in names:
+            raise ConfigError(
+                f"no study {name!r} in {mask_url(str(storage))} (studies there: "
+                f"{', '.join(names) or 'none'})"
+            )
+        summary_attrs = optuna.load_study(study_name=name, storage=backend).user_attrs
+        if _SPACE_ATTR not in summary_attrs:
+            raise ConfigError(f"study {name!r} was not created by visionflow (no search space)")
+        space = SearchSpace.from_json(summary_attrs[_SPACE_ATTR])
+        return cls.open(
+            name,
+            storage=storage,
+            space=space,
+            seed=seed,
+            pruner=pruner,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+        )
+
+    # ---------------------------------------------------------------- attributes
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The study's user attributes, read fresh from the storage (shared by all workers)."""
+        return dict(self._study.user_attrs)
+
+    def set_attr(self, key: str, value: Any) -> None:
+        """Store a JSON-able ``value`` with the study, visible to every worker."""
+        self._study.set_user_attr(key, value)
+
+    def enqueue(self, params: dict[str, Any]) -> None:
+        """Queue a trial with given ``params`` (asked before sampled ones; idempotent)."""
+        with _quiet():
+            self._study.enqueue_trial(params, skip_if_exists=True)
+
+    def running(self) -> list[tuple[int, dict[str, Any]]]:
+        """``(number, info)`` of every RUNNING trial."""
+        trials = self._study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return [(t.number, dict(t.user_attrs)) for t in trials]
+
+    def fail_trial(self, number: int, reason: str) -> None:
+        """Mark a running trial of any worker FAIL (its worker died); never retried."""
+        trial_id = self._study._storage.get_trial_id_from_study_id_trial_number(
+            self._study._study_id, number
+        )
+        with contextlib.suppress(Exception):
+            self._storage.set_trial_user_attr(trial_id, "error", reason)
+        with _quiet():
+            self._study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+
+    def trials_in(self, *states: State) -> int:
+        """How many trials are in any of ``states``."""
+        counts = self.counts()
+        return sum(counts.get(s, 0) for s in states)
+
+    def importances(self) -> dict[str, float]:
+        """Optuna's fANOVA importance of each searched parameter ({} with too few trials)."""
+        complete = self._study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if len(complete) < 4:
+            return {}
+        try:
+            with _quiet():
+                return dict(optuna.importance.get_param_importances(self._study))
+        except (RuntimeError, ValueError):  # e.g. a single distinct value, conditional gaps
+            return {}
 
     # ---------------------------------------------------------------- ask / tell
     def ask(self) -> TrialHandle:

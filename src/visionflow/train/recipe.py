@@ -48,20 +48,20 @@ from visionflow.evaluate.plots import (
     plot_per_class,
     plot_reliability,
 )
-from visionflow.evaluate.report import ReportContext, write_report
+from visionflow.evaluate.report import ReportContext, ReportSection, write_report
 from visionflow.models.backbones import create_backbone, feature_dim
 from visionflow.models.heads import LinearHead, TaskModel
 from visionflow.models.onnx_features import OnnxFeatureExtractor, onnx_feature_extractor
 from visionflow.models.tasks.classification import ClassificationTask
 from visionflow.models.weights import ResolvedWeights, resolve_weights
 from visionflow.train.budget import Deadline, format_seconds
-from visionflow.train.callbacks import Callback, RichProgress
+from visionflow.train.callbacks import Callback, RichProgress, StopTraining
 from visionflow.train.checkpoint import load_weights, save_weights
 from visionflow.train.device import configure_threads, cpu_count, select_device
 from visionflow.train.engine import Engine, FitConfig, seed_everything
 from visionflow.train.probe import ProbeResult, fit_linear_probe
 
-__all__ = ["RunResult", "train_classifier"]
+__all__ = ["Prepared", "RunResult", "TrialOutcome", "prepare_data", "run_trial", "train_classifier"]
 
 # Fixed costs kept in reserve at the end of the budget: final evaluation, plots, report.
 _RESERVE_SECONDS = 8.0
@@ -121,6 +121,59 @@ def _fingerprint(index: DatasetIndex) -> str:
         rel = s.to_json(index.root)["path"]
         digest.update(f"{rel}\t{s.label}\t{size}\n".encode())
     return digest.hexdigest()
+
+
+@dataclass
+class Prepared:
+    """A checked dataset and its split, shared by the trials of a search and its refit."""
+
+    index: DatasetIndex
+    split: Split
+    report: dict[str, Any]
+
+    @classmethod
+    def from_run(cls, run_dir: Path) -> Prepared:
+        """Read what :func:`prepare_data` wrote into ``run_dir``."""
+        run_dir = Path(run_dir)
+        names = ("index.json", "split.json", "data_report.json")
+        missing = [n for n in names if not (run_dir / n).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{run_dir} holds no prepared dataset ({', '.join(missing)} missing)"
+            )
+        return cls(
+            index=DatasetIndex.from_json(read_json(run_dir / "index.json")),
+            split=Split.from_json(read_json(run_dir / "split.json")),
+            report=dict(read_json(run_dir / "data_report.json")),
+        )
+
+
+@dataclass
+class TrialOutcome:
+    """What one search trial measured (validation only: a trial never sees the test split)."""
+
+    value: float | None
+    strategy: str
+    probe_val: float | None
+    finetune_val: float | None
+    curve: list[list[float]]
+    epochs: int
+    train_images: int
+    seconds: float
+    pruned: bool
+    note: str | None = None
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "probe_val": self.probe_val,
+            "finetune_val": self.finetune_val,
+            "curve": self.curve,
+            "epochs": self.epochs,
+            "train_images": self.train_images,
+            "seconds": round(self.seconds, 3),
+            **({"note": self.note} if self.note else {}),
+        }
 
 
 class _ElapsedSaver(Callback):
@@ -189,10 +242,23 @@ class _Pipeline:
         configure_threads()
         self.phases: list[dict[str, Any]] = []
         self.feature_cache_hits = 0
+        #: A search trial: no checkpoints, no final evaluation to reserve time for.
+        self.trial = False
+        self.reserve = _RESERVE_SECONDS
 
     # ----------------------------------------------------------------- data
-    def load_data(self, data: Path, resume: bool) -> None:
+    def load_data(self, data: Path, resume: bool, prepared: Prepared | None = None) -> None:
         run, cfg = self.run, self.config
+        if prepared is not None:
+            self.index, self.split, self.report = prepared.index, prepared.split, prepared.report
+            for name, obj in (
+                ("index.json", prepared.index.to_json()),
+                ("split.json", prepared.split.to_json()),
+                ("data_report.json", prepared.report),
+            ):
+                if not run.path(name).is_file():
+                    atomic_write_json(run.path(name), obj)
+            return
         if resume and run.path("index.json").is_file() and run.path("split.json").is_file():
             self.index = DatasetIndex.from_json(read_json(run.path("index.json")))
             self.split = Split.from_json(read_json(run.path("split.json")))
@@ -313,7 +379,7 @@ class _Pipeline:
         """
         alphas = (0.75, 0.5)
         val_seconds = len(self.split.val) * self._seconds_per_image()
-        spare = self.deadline.remaining() - _RESERVE_SECONDS - self._final_eval_seconds()
+        spare = self.deadline.remaining() - self.reserve - self._final_eval_seconds()
         if len(self.split.val) == 0 or spare < len(alphas) * val_seconds * 1.2:
             return model, summary
         t0 = time.monotonic()
@@ -540,18 +606,20 @@ class _Pipeline:
         per_image = 1.0 / self.images_per_second if self.images_per_second else step / 8
         # data loading and augmentation in the main process add roughly a fifth on CPU
         epoch = len(loader) * step * (1.2 if self.workers == 0 else 1.05) + n_val * per_image
-        available = self.deadline.remaining() - _RESERVE_SECONDS - self._final_eval_seconds()
+        available = self.deadline.remaining() - self.reserve - self._final_eval_seconds()
         epochs = int(available // epoch)
         self.epoch_estimate = epoch
         return max(0, min(cfg.epochs, epochs))
 
     def _replan(self, first_epoch_seconds: float) -> int:
         """Total epochs once one epoch has been timed (the first plan is only an estimate)."""
-        available = self.deadline.remaining() - _RESERVE_SECONDS - self._final_eval_seconds()
+        available = self.deadline.remaining() - self.reserve - self._final_eval_seconds()
         more = int(max(0.0, available) // (first_epoch_seconds * 1.03))
         return min(self.config.epochs, 1 + more)
 
     def _final_eval_seconds(self) -> float:
+        if self.trial:
+            return 0.0
         n = len(self.split.test) + len(self.split.train) + len(self.split.val)
         return n * self._seconds_per_image()
 
@@ -591,7 +659,7 @@ class _Pipeline:
             model,
             self.fit_config(epochs, lpft),
             callbacks=[*callbacks, _ElapsedSaver(self.run, self.deadline)],
-            checkpoint_dir=self.run.path("checkpoint"),
+            checkpoint_dir=None if self.trial else self.run.path("checkpoint"),
             replan=self._replan if self.deadline.seconds is not None else None,
         )
         result = engine.fit(
@@ -646,6 +714,8 @@ def train_classifier(
     progress: bool | None = None,
     callbacks: list[Callback] | None = None,
     on_stage: Callable[[str], None] | None = None,
+    prepared: Prepared | None = None,
+    report_sections: Callable[[], list[ReportSection]] | None = None,
 ) -> RunResult:
     """Train, select and evaluate a classifier; everything lands in ``run_dir``.
 
@@ -656,6 +726,8 @@ def train_classifier(
         resume: Continue a killed run in ``run_dir`` (its saved config, index and split win).
         console: Where human-readable output goes (``None``: silent).
         progress: Show progress bars (default: when ``console`` is a terminal).
+        prepared: An already checked and split dataset (a search's refit): no checks again.
+        report_sections: Called when the report is written; its sections are appended.
     """
     started = time.monotonic()
     run = _Run(Path(run_dir))
@@ -671,9 +743,9 @@ def train_classifier(
         raise CheckpointError(
             f"{run.dir} already holds a run; use --resume to continue it or another --name"
         )
-    if data is None:
+    if data is None and prepared is None:
         raise DataError("no dataset given")
-    data = Path(data)
+    data = Path(data) if data is not None else run.dir
     atomic_write_json(run.path("config.json"), config.model_dump(mode="json"))
     spent = float(state.get("elapsed", 0.0)) if resume else 0.0
     deadline = Deadline(config.budget_seconds(), spent=spent)
@@ -689,7 +761,7 @@ def train_classifier(
         if on_stage is not None:
             on_stage(name)
 
-    pipe.load_data(data, resume)
+    pipe.load_data(data, resume, prepared)
     stage("checked")
     pipe.build_model()
     cbs = list(callbacks or [])
@@ -799,7 +871,8 @@ def train_classifier(
     alpha = ft_summary.get("alpha", 1.0) if ft_summary is not None else 1.0
     if chosen == "finetune" and alpha < 1.0:
         kept += f", weights {alpha:g} fine-tuned + {1 - alpha:g} pretrained/probe"
-    report_path = _write_report(pipe, run, metrics, outputs, findings, kept, seconds)
+    extra = report_sections() if report_sections is not None else []
+    report_path = _write_report(pipe, run, metrics, outputs, findings, kept, seconds, extra)
     run.update_state(stage="done", elapsed=seconds)
     return RunResult(
         run_dir=run.dir,
@@ -813,6 +886,97 @@ def train_classifier(
     )
 
 
+def prepare_data(
+    data: str | Path,
+    config: TrainConfig,
+    *,
+    run_dir: str | Path,
+    console: Console | None = None,
+    progress: bool = False,
+) -> Prepared:
+    """Read, check and split ``data`` once; the files land in ``run_dir`` (reused on resume)."""
+    run = _Run(Path(run_dir))
+    if all(run.path(n).is_file() for n in ("index.json", "split.json", "data_report.json")):
+        return Prepared.from_run(run.dir)
+    pipe = _Pipeline(config, run, Deadline(None), console, progress)
+    pipe.load_data(Path(data), resume=False)
+    return Prepared(pipe.index, pipe.split, dict(pipe.report))
+
+
+class _EpochReporter(Callback):
+    """Sends each epoch's validation accuracy to ``on_epoch``; stops the fit when it says so."""
+
+    def __init__(self, on_epoch: Callable[[int, float], bool] | None) -> None:
+        self.on_epoch = on_epoch
+        self.curve: list[list[float]] = []
+        self.pruned = False
+        self.images = 0
+
+    def on_epoch_end(self, engine: Engine, record: dict[str, Any]) -> None:
+        steps = len(self.curve) + 1
+        acc = record.get("val_accuracy")
+        rate, secs = record.get("train_images_per_second"), record.get("seconds")
+        if rate and secs:
+            self.images += round(rate * secs)
+        if acc is None:
+            return
+        self.curve.append([float(steps), float(acc)])
+        if self.on_epoch is not None and self.on_epoch(steps, float(acc)):
+            self.pruned = True
+            raise StopTraining("pruned")
+
+
+def run_trial(
+    prepared: Prepared,
+    config: TrainConfig,
+    *,
+    trial_dir: str | Path,
+    deadline: Deadline,
+    on_epoch: Callable[[int, float], bool] | None = None,
+) -> TrialOutcome:
+    """One search trial: the recipe's probe and/or fine-tune on the shared split, scored on
+    validation only (no checkpoints, no test evaluation, no report).
+
+    ``on_epoch(epoch, val_accuracy)`` is called after every fine-tune epoch (from 1); when it
+    returns True the fine-tune stops and the outcome is marked ``pruned``. ``config.strategy``
+    ``auto`` runs like ``lpft``. The value is the better of the probe's and the fine-tune's
+    validation accuracy (what the refit, which keeps the better of the two, would get).
+    """
+    t0 = time.monotonic()
+    run = _Run(Path(trial_dir))
+    seed_everything(config.seed)
+    pipe = _Pipeline(config, run, deadline, None, False)
+    pipe.trial, pipe.reserve = True, 0.0
+    pipe.load_data(run.dir, False, prepared)
+    pipe.build_model()
+    strategy = "lpft" if config.strategy == "auto" else config.strategy
+    probe = pipe.probe() if strategy in {"probe", "lpft"} else None
+    if strategy == "finetune":
+        pipe.images_per_second = None
+    reporter = _EpochReporter(on_epoch)
+    summary: dict[str, Any] | None = None
+    note = None
+    if strategy in {"lpft", "finetune"}:
+        _, summary = pipe.finetune(probe, [reporter], resume=False)
+        if summary is None:
+            note = "no fine-tune epoch fitted in the trial's time"
+    probe_val = probe.val_accuracy if probe is not None else None
+    ft_val = summary["val_accuracy"] if summary is not None else None
+    scores = [v for v in (probe_val, ft_val) if v is not None]
+    return TrialOutcome(
+        value=max(scores) if scores else None,
+        strategy=strategy,
+        probe_val=probe_val,
+        finetune_val=ft_val,
+        curve=reporter.curve,
+        epochs=len(reporter.curve),
+        train_images=reporter.images,
+        seconds=time.monotonic() - t0,
+        pruned=reporter.pruned,
+        note=note,
+    )
+
+
 def _write_report(
     pipe: _Pipeline,
     run: _Run,
@@ -821,6 +985,7 @@ def _write_report(
     findings: list[Any],
     chosen: str,
     seconds: float,
+    extra_sections: list[ReportSection] | None = None,
 ) -> Path:
     images: dict[str, Path] = {}
     if pipe.history:
@@ -862,6 +1027,7 @@ def _write_report(
         weights=pipe.weights.provenance(),
         phases=pipe.phases,
         images=images,
+        extra_sections=list(extra_sections or []),
     )
     return write_report(ctx, run.path("report.html"))
 

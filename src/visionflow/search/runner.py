@@ -1,0 +1,733 @@
+"""The AutoML run behind ``visionflow train``: search, then refit the best, inside one budget.
+
+Timeline of a run with budget ``B`` (``SearchConfig.refit_fraction`` = ``r``)::
+
+    data checks + split (once) | search: trials until (1 - r) * B | refit of the best until B
+
+* **Trials** share the checked dataset, its split and a frozen-feature cache in the run folder,
+  so a ``probe`` trial (frozen features + logistic regression) of a backbone and image size
+  already seen takes seconds. The first trials are queued cheap-first: a probe per backbone at
+  two image sizes, then the default recipe; the TPE sampler takes over after them. Fine-tune
+  trials report their validation accuracy every epoch and the pruner (Hyperband by default)
+  stops the hopeless ones. One trial may take at most ``trial_fraction`` of the search phase.
+  A trial is scored on validation only; the test split is never looked at before the refit.
+* **Refit**: the best configuration runs through the full recipe (probe, LP-FT, weight
+  ensemble, the better of probe and fine-tune kept) with the rest of the budget, writing the
+  model, metrics and report into the run folder like a single run.
+* **Storage**: an Optuna journal file in the run folder by default; a database URL lets workers
+  on other machines (``visionflow worker``) join. Re-running the same command with the same run
+  name continues the study and the budget where they were.
+* **Workers**: ``workers=N`` runs N local processes on the study, each with a share of the CPU
+  threads. A worker that dies leaves its running trial FAIL (database storage: its heartbeat
+  stops; journal storage: the coordinator sees the process gone); failed trials are never
+  retried, so nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import multiprocessing
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from visionflow._io import atomic_write_json, read_json
+from visionflow.config import SearchConfig, TrainConfig
+from visionflow.errors import CheckpointError, ConfigError, VisionflowError, WeightsError
+from visionflow.evaluate.report import ReportSection
+from visionflow.search.space import (
+    _FIELD_OF,
+    FINETUNE_ONLY,
+    Categorical,
+    Dimension,
+    Fixed,
+    FloatRange,
+    IntRange,
+    SearchSpace,
+)
+from visionflow.search.study import Study, TrialHandle, TrialPruned, mask_url
+from visionflow.train.budget import Deadline, format_seconds
+
+__all__ = ["SearchResult", "build_space", "run_worker", "search_classifier"]
+
+_STATE = "search.json"
+_RUN_ATTR = "visionflow.run"
+#: A trial is not started with less search time left than this (a cached probe takes ~3 s).
+_MIN_TRIAL_SECONDS = 5.0
+#: Environment variable read when no storage is given (keeps passwords off command lines).
+STORAGE_ENV = "VISIONFLOW_STORAGE"
+
+
+class _TrialFailed(VisionflowError):
+    """A trial that produced no score (e.g. no fine-tune epoch fitted in its time)."""
+
+
+@dataclass
+class SearchResult:
+    """What :func:`search_classifier` leaves behind (all of it is also in the run folder)."""
+
+    run_dir: Path
+    study: str
+    best: dict[str, Any] | None
+    counts: dict[str, int]
+    refit: Any  # visionflow.train.recipe.RunResult
+    seconds: float
+    search_seconds: float
+
+    @property
+    def metrics(self) -> dict[str, dict[str, Any]]:
+        return dict(self.refit.metrics)
+
+    @property
+    def report_path(self) -> Path:
+        return Path(self.refit.report_path)
+
+
+# ---------------------------------------------------------------------------- the space
+def _inside(dim: Dimension, value: Any) -> bool:
+    if isinstance(dim, Categorical):
+        return value in dim.choices
+    if isinstance(dim, FloatRange | IntRange):
+        return isinstance(value, int | float) and dim.low <= value <= dim.high
+    return False
+
+
+def _available(backbone: str, weights: str | None) -> str | None:
+    """``None`` when ``backbone`` has pretrained weights here, else why not."""
+    from visionflow.models.weights import resolve_weights
+
+    try:
+        resolve_weights(backbone, weights)
+    except (WeightsError, ConfigError) as exc:
+        return str(exc).splitlines()[0]
+    return None
+
+
+def build_space(
+    config: TrainConfig,
+    *,
+    explicit: set[str] | frozenset[str] = frozenset(),
+    overrides: dict[str, Any] | None = None,
+    device_type: str = "cpu",
+    check_weights: bool = True,
+) -> tuple[SearchSpace, dict[str, str]]:
+    """The space of a run: the default for the device, minus backbones without weights here,
+    with every parameter the user set explicitly (``explicit`` TrainConfig fields, e.g. from
+    ``--backbone``) pinned to its value, then the user's ``overrides``.
+
+    Returns the space and the backbones dropped, with the reason.
+    """
+    space = SearchSpace.default(device_type=device_type)
+    pins: dict[str, Any] = {}
+    for name in space:
+        field = _FIELD_OF.get(name, name)
+        value = getattr(config, field, None)
+        if field in explicit and value is not None:
+            pins[name] = value
+    space = SearchSpace.from_overrides(space, pins)
+    dropped: dict[str, str] = {}
+    dim = space["backbone"]
+    if check_weights and isinstance(dim, Fixed):  # the user's own choice: fail now, clearly
+        from visionflow.models.weights import resolve_weights
+
+        resolve_weights(str(dim.value), config.weights)
+    user_backbones = "backbone" in (overrides or {})
+    if check_weights and isinstance(dim, Categorical) and not user_backbones:
+        keep: list[str] = []
+        for choice in dim.choices:
+            why = _available(str(choice), config.weights)
+            if why is None:
+                keep.append(str(choice))
+            else:
+                dropped[str(choice)] = why
+        if not keep:
+            raise WeightsError(
+                "none of the candidate backbones has pretrained weights here: "
+                + "; ".join(f"{k}: {v}" for k, v in dropped.items())
+            )
+        one = len(keep) == 1
+        space = space.pin("backbone", keep[0]) if one else space.narrow("backbone", keep)
+    if overrides:
+        space = SearchSpace.from_overrides(space, overrides)
+    return space, dropped
+
+
+def _queued_trials(space: SearchSpace, config: TrainConfig) -> list[dict[str, Any]]:
+    """Cheap first: a probe per backbone at the largest and smallest image size, then the
+    default recipe (LP-FT with TrainConfig's defaults) on the first backbone."""
+    searched = {n: d for n, d in space.items() if not isinstance(d, Fixed)}
+
+    def choices(name: str) -> list[Any]:
+        dim = space[name]
+        if isinstance(dim, Categorical):
+            return list(dim.choices)
+        if isinstance(dim, Fixed):
+            return [dim.value]
+        return []
+
+    strategies = choices("strategy")
+    sizes = sorted({s for s in choices("img_size") if s is not None}, reverse=True)
+    size_pair = [sizes[0], sizes[-1]] if len(sizes) > 1 else sizes[:1]
+    queue: list[dict[str, Any]] = []
+    if "probe" in strategies:
+        for backbone in choices("backbone"):
+            for size in size_pair or [None]:
+                params = {"backbone": backbone, "strategy": "probe", "img_size": size}
+                queue.append({k: v for k, v in params.items() if k in searched})
+    default = "lpft" if "lpft" in strategies else (strategies[0] if strategies else None)
+    if default is not None:
+        values: dict[str, Any] = {
+            "backbone": (choices("backbone") or [None])[0],
+            "strategy": default,
+            "img_size": sizes[0] if sizes else None,
+            "lr": 2e-4 if default == "lpft" else 3e-4,
+            "weight_decay": config.weight_decay,
+            "batch_size": config.batch_size,
+            "augment": "light" if config.augment == "auto" else config.augment,
+            "label_smoothing": config.label_smoothing,
+            "mixup": config.mixup,
+            "cutmix": config.cutmix,
+            "freeze_epochs": config.freeze_epochs,
+            "epochs": config.epochs,
+        }
+        queue.append({k: v for k, v in values.items() if k in searched and _inside(searched[k], v)})
+    unique: list[dict[str, Any]] = []
+    for params in queue:
+        if params and params not in unique:
+            unique.append(params)
+    return unique
+
+
+# ---------------------------------------------------------------------------- run state
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fail_dead_local_trials(study: Study, only_pids: set[int] | None = None) -> int:
+    """FAIL the running trials of this host whose worker process is gone (journal storage has
+    no heartbeat). Returns how many were failed."""
+    host, failed = socket.gethostname(), 0
+    for number, info in study.running():
+        worker = info.get("worker") or {}
+        pid = worker.get("pid")
+        if worker.get("host") != host or not isinstance(pid, int):
+            continue
+        if only_pids is not None and pid not in only_pids:
+            continue
+        if pid != os.getpid() and (only_pids is not None or not _pid_alive(pid)):
+            study.fail_trial(number, f"worker process {pid} died during the trial")
+            failed += 1
+    return failed
+
+
+def _trial_config(base: TrainConfig, params: dict[str, Any], run_dir: Path) -> TrainConfig:
+    update = SearchSpace.to_train_overrides(params)
+    data = base.model_dump()
+    data.update(update)
+    if not base.feature_cache:
+        data["feature_cache"] = str(run_dir / "features")
+    try:
+        return TrainConfig(**data)
+    except Exception as exc:  # pydantic: a sampled value the settings refuse
+        raise ConfigError(f"trial settings {update} are not valid: {exc}") from None
+
+
+# ---------------------------------------------------------------------------- workers
+class _Objective:
+    """Runs one trial from the study's recorded run description."""
+
+    def __init__(self, study: Study, run_dir: Path, base: TrainConfig) -> None:
+        from visionflow.train.recipe import Prepared
+
+        self.study = study
+        self.run_dir = run_dir
+        self.base = base
+        self.prepared = Prepared.from_run(run_dir)
+
+    def __call__(self, handle: TrialHandle) -> float:
+        from visionflow.train.recipe import run_trial
+
+        handle.set_info("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        run = self.study.attrs.get(_RUN_ATTR, {})
+        end = run.get("search_end")
+        cap = run.get("trial_seconds")
+        left = math.inf if end is None else end - time.time()
+        seconds = min(cap if cap is not None else math.inf, left)
+        config = _trial_config(self.base, handle.params, self.run_dir)
+
+        def on_epoch(step: int, value: float) -> bool:
+            handle.report(value, step)
+            return handle.should_prune()
+
+        outcome = run_trial(
+            self.prepared,
+            config,
+            trial_dir=self.run_dir / "trials" / f"{handle.number:04d}",
+            deadline=Deadline(None if math.isinf(seconds) else max(1.0, seconds)),
+            on_epoch=on_epoch,
+        )
+        for key, value in outcome.info().items():
+            handle.set_info(key, value)
+        if outcome.pruned:
+            raise TrialPruned()
+        if outcome.value is None:
+            raise _TrialFailed(outcome.note or "the trial produced no validation score")
+        return float(outcome.value)
+
+
+def _work(study: Study, objective: _Objective, *, stop: threading.Event | None = None) -> int:
+    """Run trials until the search deadline, the trial limit or ``stop``; returns the count."""
+    done = 0
+    while stop is None or not stop.is_set():
+        run = study.attrs.get(_RUN_ATTR, {})
+        end = run.get("search_end")
+        if run.get("closed") or (end is not None and time.time() > end - _MIN_TRIAL_SECONDS):
+            break
+        ran = study.optimize(
+            objective, n_trials=1, max_trials=run.get("max_trials"), catch=(Exception,)
+        )
+        if ran == 0:
+            break
+        done += ran
+    return done
+
+
+def _local_worker(name: str, storage: str, run_dir: str, seed: int, threads: int) -> None:
+    """Entry point of a local worker process (spawned: nothing inherited but arguments)."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    from visionflow.train.device import configure_threads
+
+    configure_threads(threads)
+    study = Study.load(name, storage=storage, seed=seed)
+    base = TrainConfig(**study.attrs[_RUN_ATTR]["config"])
+    _work(study, _Objective(study, Path(run_dir), base))
+
+
+def run_worker(
+    study_name: str,
+    storage: str | None = None,
+    *,
+    wait: float = 600.0,
+    run_dir: str | Path | None = None,
+    console: Console | None = None,
+    seed: int | None = None,
+) -> int:
+    """Join the search ``study_name`` in ``storage`` from any machine; returns trials run.
+
+    Waits up to ``wait`` seconds for the coordinator (``visionflow train``) to create the study.
+    The dataset and the run folder are read at the paths the study records (mount them at the
+    same paths), unless ``run_dir`` says where the run folder is here.
+    """
+    storage = storage or os.environ.get(STORAGE_ENV)
+    if not storage:
+        raise ConfigError(f"a worker needs --storage URL (or the {STORAGE_ENV} variable)")
+    give_up = time.monotonic() + max(0.0, wait)
+    while True:
+        try:
+            study = Study.load(study_name, storage=storage, seed=seed or os.getpid())
+            if _RUN_ATTR in study.attrs:
+                break
+        except ConfigError:
+            if time.monotonic() >= give_up:
+                raise
+        if time.monotonic() >= give_up:
+            raise ConfigError(f"study {study_name!r} holds no visionflow run description yet")
+        time.sleep(2.0)
+    run = study.attrs[_RUN_ATTR]
+    folder = Path(run_dir) if run_dir is not None else Path(run["run_dir"])
+    if not (folder / "split.json").is_file():
+        raise CheckpointError(
+            f"the run folder {folder} of study {study_name!r} is not readable here; mount it "
+            "at the same path as the coordinator, or pass --run-dir"
+        )
+    if console is not None:
+        console.print(
+            f"joined study [bold]{study_name}[/] in {mask_url(storage)}; run folder {folder}"
+        )
+    base = TrainConfig(**run["config"])
+    ran = _work(study, _Objective(study, folder, base))
+    if console is not None:
+        console.print(f"worker done: {ran} trial(s) run here; study {study.counts()}")
+    return ran
+
+
+# ---------------------------------------------------------------------------- display
+def _leaderboard_table(rows: list[dict[str, Any]], title: str, top: int = 10) -> Table:
+    table = Table(title=title, show_lines=False)
+    for col in ("#", "state", "val acc", "strategy", "backbone", "img", "lr", "epochs", "time"):
+        table.add_column(
+            col, justify="left" if col in ("state", "strategy", "backbone") else "right"
+        )
+    for row in rows[:top]:
+        params, info = row["params"], row["info"]
+        value = row["value"]
+        lr = params.get("lr")
+        table.add_row(
+            str(row["number"]),
+            row["state"],
+            "" if value is None else f"{100 * value:.1f}%",
+            str(params.get("strategy", "")),
+            str(params.get("backbone", "")),
+            str(params.get("img_size", "")),
+            "" if lr is None else f"{lr:.1e}",
+            str(info.get("epochs", "")),
+            "" if row["duration_s"] is None else format_seconds(row["duration_s"]),
+        )
+    return table
+
+
+class _Monitor:
+    """Background thread of the coordinator: saves elapsed time, writes leaderboard.csv,
+    shows the live leaderboard (a terminal) or one line per finished trial (a log)."""
+
+    def __init__(
+        self,
+        study: Study,
+        run_dir: Path,
+        deadline: Deadline,
+        save: Callable[[], None],
+        console: Console | None,
+    ) -> None:
+        self.study = study
+        self.run_dir = run_dir
+        self.deadline = deadline
+        self.save = save
+        self.console = console
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._seen: set[int] = set()
+        self._table: Table | None = None
+        self._lock = threading.Lock()
+
+    def refresh(self) -> None:
+        with self._lock:
+            self.save()
+            rows = self.study.leaderboard()
+            finished = {r["number"] for r in rows if r["state"] not in ("running", "waiting")}
+            new = sorted(finished - self._seen)
+            if new:
+                self.study.write_leaderboard_csv(self.run_dir / "leaderboard.csv")
+            counts = self.study.counts()
+            title = (
+                f"search: {counts['complete']} complete, {counts['pruned']} pruned, "
+                f"{counts['failed']} failed, {counts['running']} running "
+                f"({format_seconds(self.deadline.elapsed())} elapsed)"
+            )
+            self._table = _leaderboard_table(rows, title)
+            if self.console is not None and not self.console.is_terminal:
+                by_number = {r["number"]: r for r in rows}
+                for number in new:
+                    row = by_number[number]
+                    value = "" if row["value"] is None else f" val acc {100 * row['value']:.1f}%"
+                    params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
+                    self.console.print(
+                        f"trial {number} {row['state']}{value} ({params})", highlight=False
+                    )
+            self._seen |= finished
+
+    def renderable(self) -> Table:
+        return self._table or Table(title="search starting")
+
+    def _loop(self) -> None:
+        while not self._stop.wait(2.0):
+            with contextlib.suppress(Exception):  # a busy journal must not kill the display
+                self.refresh()
+
+    def __enter__(self) -> _Monitor:
+        self._thread = threading.Thread(target=self._loop, name="visionflow-monitor", daemon=True)
+        self._thread.start()
+        self._live: Live | None = None
+        if self.console is not None and self.console.is_terminal:
+            self._live = Live(
+                get_renderable=self.renderable, console=self.console, refresh_per_second=1
+            )
+            self._live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with contextlib.suppress(Exception):
+            self.refresh()
+        if self._live is not None:
+            self._live.stop()
+
+
+# ---------------------------------------------------------------------------- the run
+def _run_local_workers(
+    study: Study, storage: str, run_dir: Path, workers: int, seed: int, end: float | None
+) -> None:
+    """Start ``workers`` processes on the study and wait; a crashed one has its trial failed."""
+    from visionflow.train.device import cpu_count
+
+    threads = max(1, cpu_count() // workers)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(
+            target=_local_worker,
+            args=(study.name, storage, str(run_dir), seed * 1000 + i + 1, threads),
+            name=f"visionflow-worker-{i}",
+        )
+        for i in range(workers)
+    ]
+    for proc in procs:
+        proc.start()
+    reported: set[int] = set()
+    try:
+        while any(p.is_alive() for p in procs):
+            time.sleep(1.0)
+            dead = {
+                p.pid for p in procs if not p.is_alive() and p.exitcode and p.pid not in reported
+            }
+            dead.discard(None)
+            if dead:
+                _fail_dead_local_trials(study, {int(pid) for pid in dead if pid is not None})
+                reported |= {int(pid) for pid in dead if pid is not None}
+            if end is not None and time.time() > end + 120:  # a stuck worker: stop it
+                for proc in procs:
+                    if proc.is_alive():
+                        proc.terminate()
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        pids = {int(p.pid) for p in procs if p.pid is not None}
+        _fail_dead_local_trials(study, pids)
+
+
+def _storage_arg(search: SearchConfig, run_dir: Path) -> str:
+    storage = search.storage or os.environ.get(STORAGE_ENV)
+    return storage if storage else str(run_dir / "study.journal")
+
+
+def search_classifier(
+    data: str | Path,
+    config: TrainConfig,
+    search: SearchConfig,
+    *,
+    run_dir: str | Path,
+    explicit: set[str] | frozenset[str] = frozenset(),
+    console: Console | None = None,
+    progress: bool | None = None,
+) -> SearchResult:
+    """Search, then refit the best configuration, all within ``config.budget``.
+
+    Re-running with the same ``run_dir`` continues: the study goes on where it stopped, the
+    time already spent counts against the budget, and a refit that was under way resumes.
+    """
+    from visionflow.search.plots import (
+        param_importances,
+        plot_optimization_history,
+        plot_param_importance,
+        plot_trial_curves,
+        search_report_section,
+    )
+    from visionflow.train.device import select_device
+    from visionflow.train.recipe import prepare_data, train_classifier
+
+    started = time.monotonic()
+    run_dir = Path(run_dir)
+    state_path = run_dir / _STATE
+    state: dict[str, Any] = dict(read_json(state_path)) if state_path.is_file() else {}
+    if not state and (run_dir / "state.json").is_file():
+        raise CheckpointError(
+            f"{run_dir} holds a single run, not a search; continue it with --resume or use "
+            "another --name"
+        )
+    if state.get("stage") == "done":
+        raise CheckpointError(f"{run_dir} has already finished; use another --name")
+    resumed = bool(state)
+    if resumed:
+        config = TrainConfig(**state["config"])
+    budget = config.budget_seconds()
+    max_trials = search.trials
+    if budget is None and max_trials is None:
+        raise ConfigError("a search without a budget needs a trial limit (--trials N)")
+    deadline = Deadline(budget, spent=float(state.get("elapsed", 0.0)))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = run_dir.name
+    storage = _storage_arg(search, run_dir)
+    if not resumed:
+        state = {
+            "stage": "searching",
+            "study": name,
+            "storage": mask_url(storage),
+            "data": str(Path(data).resolve()),
+            "config": config.model_dump(mode="json"),
+            "search": search.model_dump(mode="json"),
+            "created_at": _now(),
+            "elapsed": 0.0,
+        }
+        atomic_write_json(state_path, state)
+
+    def save(**values: Any) -> None:
+        state.update(values, elapsed=deadline.elapsed())
+        atomic_write_json(state_path, state)
+
+    if progress is None:
+        progress = bool(console is not None and console.is_terminal)
+    prepared = prepare_data(
+        state["data"], config, run_dir=run_dir, console=console, progress=progress
+    )
+    save()
+    device = select_device(config.device)
+    space, dropped = build_space(
+        config, explicit=explicit, overrides=search.space, device_type=device.type
+    )
+    for backbone, why in dropped.items():
+        if console is not None:
+            console.print(f"[yellow]not searched[/]: {backbone} ({why})", highlight=False)
+    study = Study.open(name, storage=storage, space=space, seed=config.seed, pruner=search.pruner)
+    if budget is not None:
+        search_total = budget * (1 - search.refit_fraction)
+        search_end: float | None = time.time() + max(0.0, search_total - deadline.elapsed())
+        trial_seconds: float | None = search.trial_fraction * search_total
+    else:
+        search_total, search_end, trial_seconds = math.inf, None, None
+    if not resumed:
+        for params in _queued_trials(space, config):
+            study.enqueue(params)
+    _fail_dead_local_trials(study)
+    study.set_attr(
+        _RUN_ATTR,
+        {
+            "data": state["data"],
+            "run_dir": str(run_dir.resolve()),
+            "config": config.model_dump(mode="json"),
+            "search_end": search_end,
+            "trial_seconds": trial_seconds,
+            "max_trials": max_trials,
+            "dropped_backbones": dropped,
+        },
+    )
+    t_search = time.monotonic()
+    if state.get("stage") == "searching":
+        if console is not None:
+            left = (
+                "no time limit" if search_end is None else format_seconds(search_end - time.time())
+            )
+            console.print(
+                f"[bold]search[/] study {name} ({mask_url(storage)}): {len(space)} parameters, "
+                f"{search.workers} local worker(s), {left} for trials"
+                + (f", at most {max_trials} trials" if max_trials else "")
+            )
+        monitor = _Monitor(study, run_dir, deadline, save, console)
+        try:
+            with monitor:
+                if search.workers == 1:
+                    _work(study, _Objective(study, run_dir, config))
+                else:
+                    _run_local_workers(
+                        study, storage, run_dir, search.workers, config.seed, search_end
+                    )
+        except KeyboardInterrupt:
+            _fail_dead_local_trials(study)
+            save()
+            raise
+        study.set_attr(_RUN_ATTR, {**study.attrs[_RUN_ATTR], "closed": True})
+        save(stage="refitting", search_seconds=time.monotonic() - t_search)
+    search_seconds = float(state.get("search_seconds", time.monotonic() - t_search))
+    study.write_leaderboard_csv(run_dir / "leaderboard.csv")
+    best = study.best()
+    counts = study.counts()
+
+    # ------------------------------------------------------------------------- refit
+    params = dict(best["params"]) if best is not None else {}
+    refit_config = _trial_config(config, params, run_dir)
+    best_strategy = params.get("strategy")
+    refit_config.strategy = "finetune" if best_strategy == "finetune" else "auto"
+    remaining = deadline.remaining()
+    refit_config.budget = None if math.isinf(remaining) else f"{max(1.0, remaining):.1f}s"
+    if console is not None:
+        if best is None:
+            console.print("[yellow]no trial completed[/]; refitting the default settings")
+        else:
+            console.print(
+                f"[bold]refit[/] of trial {best['number']} (val accuracy "
+                f"{100 * best['value']:.1f}%): " + ", ".join(f"{k}={v}" for k, v in params.items()),
+                highlight=False,
+            )
+    rows = study.leaderboard()
+
+    def sections() -> list[ReportSection]:
+        images = {
+            "Optimisation history": plot_optimization_history(rows, run_dir / "search_history.png"),
+            "Parameter importance": plot_param_importance(
+                param_importances(rows), run_dir / "search_importance.png"
+            ),
+            "Learning curves of the best trials": plot_trial_curves(
+                rows, run_dir / "search_curves.png"
+            ),
+        }
+        note = (
+            f"search {format_seconds(search_seconds)}, then the refit; budget "
+            f"{config.budget or 'none'}"
+        )
+        return [search_report_section(rows, images, best=best, counts=counts, budget_note=note)]
+
+    refit_resume = (run_dir / "state.json").is_file()
+    result = train_classifier(
+        state["data"],
+        refit_config,
+        run_dir=run_dir,
+        resume=refit_resume,
+        console=console,
+        progress=progress,
+        prepared=prepared,
+        report_sections=sections,
+    )
+    summary = {
+        "study": name,
+        "storage": mask_url(storage),
+        "counts": counts,
+        "best": best,
+        "search_seconds": search_seconds,
+        "refit_seconds": result.seconds,
+        "total_seconds": deadline.elapsed(),
+        "budget_seconds": budget,
+        "dropped_backbones": dropped,
+        "space": space.to_json(),
+        "refit_settings": {k: v for k, v in refit_config.model_dump(mode="json").items()},
+    }
+    metrics_path = run_dir / "metrics.json"
+    metrics = dict(read_json(metrics_path))
+    metrics["search"] = summary
+    atomic_write_json(metrics_path, metrics)
+    save(stage="done", best=best, counts=counts)
+    return SearchResult(
+        run_dir=run_dir,
+        study=name,
+        best=best,
+        counts=counts,
+        refit=result,
+        seconds=time.monotonic() - started,
+        search_seconds=search_seconds,
+    )
+
+
+#: Parameters a probe trial does not use (re-exported for the CLI's help text).
+PROBE_IGNORES = FINETUNE_ONLY
