@@ -250,7 +250,9 @@ class TrialHandle:
 
 _PRUNERS: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
     "hyperband": lambda: optuna.pruners.HyperbandPruner(
-        min_resource=1, max_resource="auto", reduction_factor=3
+        # from epoch 2: a first fine-tune epoch is too noisy to judge (measured: rung 1 pruned
+        # the trial that ended best, BENCHMARKS.md)
+        min_resource=2, max_resource="auto", reduction_factor=3
     ),
     "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
     "none": optuna.pruners.NopPruner,

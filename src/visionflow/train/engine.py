@@ -453,6 +453,7 @@ class Engine:
             "train_loss": total_loss / max(1, seen),
             "train_accuracy": total_correct / total_hard if total_hard else None,
             "train_images_per_second": seen / seconds if seconds > 0 else None,
+            "train_images": seen,
         }
 
 

@@ -915,9 +915,7 @@ class _EpochReporter(Callback):
     def on_epoch_end(self, engine: Engine, record: dict[str, Any]) -> None:
         steps = len(self.curve) + 1
         acc = record.get("val_accuracy")
-        rate, secs = record.get("train_images_per_second"), record.get("seconds")
-        if rate and secs:
-            self.images += round(rate * secs)
+        self.images += int(record.get("train_images") or 0)
         if acc is None:
             return
         self.curve.append([float(steps), float(acc)])
@@ -963,8 +961,11 @@ def run_trial(
     probe_val = probe.val_accuracy if probe is not None else None
     ft_val = summary["val_accuracy"] if summary is not None else None
     scores = [v for v in (probe_val, ft_val) if v is not None]
+    # a fine-tune trial whose fine-tune never ran would be a probe scored under fine-tune
+    # parameters that had no effect: the sampler must not learn from it
+    value = max(scores) if scores and (strategy == "probe" or ft_val is not None) else None
     return TrialOutcome(
-        value=max(scores) if scores else None,
+        value=value,
         strategy=strategy,
         probe_val=probe_val,
         finetune_val=ft_val,

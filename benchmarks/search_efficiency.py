@@ -1,0 +1,362 @@
+"""Search efficiency (issue 3): the time-budgeted search against the single run, and pruning.
+
+**A. Search vs single run at the same budget.** On scikit-learn's digits (the split of
+``small_data.py``: ``--per-class`` images per class to train on, 24/6 train/validation at 30,
+and ``--test-per-class`` other images per class written to a separate test folder), with the
+same budget and seed:
+
+* **single run**: ``train_classifier`` (``visionflow train --no-search``): the default recipe;
+* **search**: ``search_classifier`` (``visionflow train``): trials, then a refit of the best.
+
+Both are scored on the held-out test folder with ``visionflow.load(run).evaluate(test)``; wall
+time (which should be within 10% of the budget) and the search's trial counts are reported.
+
+**B. Pruning.** The same search with ``pruner="hyperband"`` and ``pruner="none"``, no budget
+and a fixed number of trials, a small image size and a narrowed space so that fine-tune trials
+dominate (LP-FT only, 64 px, 4-8 epochs, ``tf_efficientnet_lite0``). Compute is the sum over
+trials of the images through the fine-tune's training steps (counted from the split, batch size
+and epochs; the trials' recorded ``train_images`` is shown beside it) and of the trials'
+seconds; the refit after the search is timed separately and not counted as search compute.
+Wall and CPU seconds and the load average before/after each run go to the JSON: on a shared
+machine the image counts are the measure of compute that does not move with the load.
+
+    .venv/bin/python benchmarks/search_efficiency.py [--budget 5m] [--seeds 0] [--per-class 30]
+        [--trials 12] [--only single-vs-search|pruning] [--out search_efficiency.json]
+    .venv/bin/python benchmarks/search_efficiency.py --tables search_efficiency.json  # reprint
+
+Prints Markdown tables for BENCHMARKS.md (progress goes to stderr) and writes JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from small_data import _subset  # the same train/test images as the small-data benchmark
+
+import visionflow
+from visionflow.config import SearchConfig, TrainConfig, load_train_config
+from visionflow.data.readers import read_dataset
+from visionflow.demo import write_digits
+from visionflow.search.runner import search_classifier
+from visionflow.train.budget import parse_budget
+from visionflow.train.device import configure_threads
+from visionflow.train.recipe import train_classifier
+
+#: Part B's space: fine-tune trials only, small images, few epochs, one backbone.
+PRUNING_SPACE: dict[str, Any] = {
+    "backbone": "tf_efficientnet_lite0",
+    "strategy": "lpft",
+    "img_size": 64,
+    "epochs": {"low": 4, "high": 8},
+}
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def write_split(root: Path, per_class: int, test_per_class: int, seed: int) -> tuple[Path, Path]:
+    """``root/train/<digit>/`` (``per_class`` images) and ``root/test/<digit>/``, the images of
+    ``small_data.py``'s split for ``seed`` (its train + val rows, and its test rows)."""
+    full = read_dataset(write_digits(root / "all"))
+    index = read_dataset(_subset(full, per_class, test_per_class, seed))
+    train_dir, test_dir = root / f"seed{seed}" / "train", root / f"seed{seed}" / "test"
+    for folder in (train_dir, test_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+    for sample in index.samples:
+        dest = (test_dir if sample.split == "test" else train_dir) / str(sample.label)
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sample.path, dest / sample.path.name)
+    return train_dir, test_dir
+
+
+def _config(seed: int, budget: str | None) -> TrainConfig:
+    """Default settings; the held-out test folder is the test, so no test split is carved from
+    the training folder, and 20% validation gives small_data.py's 24/6 split at 30 per class."""
+    cfg = load_train_config(overrides={"seed": seed, "val_fraction": 0.2, "test_fraction": 0.0})
+    cfg.budget = budget
+    return cfg
+
+
+def _test_accuracy(run_dir: Path, test_dir: Path) -> float:
+    return float(visionflow.load(run_dir, device="cpu").evaluate(test_dir)["accuracy"])
+
+
+def _trials(run_dir: Path) -> list[dict[str, Any]]:
+    """The search's trials from ``leaderboard.csv`` (state, value, duration, info)."""
+    rows = []
+    with open(run_dir / "leaderboard.csv", newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            rows.append(
+                {
+                    "number": int(row["number"]),
+                    "state": row["state"],
+                    "value": float(row["value"]) if row["value"] else None,
+                    "duration_s": float(row["duration_s"]) if row["duration_s"] else None,
+                    "strategy": row.get("strategy") or None,
+                    "batch_size": int(row["batch_size"]) if row.get("batch_size") else None,
+                    "info": json.loads(row["info"]) if row["info"] else {},
+                }
+            )
+    return sorted(rows, key=lambda r: r["number"])
+
+
+def _counted_images(run_dir: Path, trials: list[dict[str, Any]]) -> int:
+    """Images through the fine-tune's training steps, counted from the split and each trial's
+    batch size and epochs (the training loader drops the last partial batch when the training
+    set is larger than a batch). The trials' own ``train_images`` is rate x epoch seconds, and
+    an epoch's seconds include its validation pass, so it reads a little high."""
+    n = len(json.loads((run_dir / "split.json").read_text())["train"])
+    total = 0
+    for t in trials:
+        bs = t["batch_size"] or n
+        per_epoch = (n // bs) * bs if n > bs else n
+        total += per_epoch * int(t["info"].get("epochs", 0))
+    return total
+
+
+def _machine_load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _search_summary(run_dir: Path) -> dict[str, Any]:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    summary = metrics["search"]
+    best = summary.get("best") or {}
+    return {
+        "counts": {k: v for k, v in summary["counts"].items() if v},
+        "best_value": best.get("value"),
+        "best_params": best.get("params"),
+        "best_number": best.get("number"),
+        "search_seconds": summary["search_seconds"],
+        "refit_seconds": summary["refit_seconds"],
+        "total_seconds": summary["total_seconds"],
+    }
+
+
+# ---------------------------------------------------------------------------- A
+def single_vs_search(
+    train_dir: Path, test_dir: Path, work: Path, seed: int, budget: str
+) -> dict[str, Any]:
+    budget_s = parse_budget(budget) or 300.0
+    out: dict[str, Any] = {"seed": seed, "budget": budget, "budget_seconds": budget_s}
+
+    _log(f"A seed {seed}: single run, budget {budget}")
+    run_dir = work / f"single-seed{seed}"
+    load0, t0, c0 = _machine_load(), time.monotonic(), time.process_time()
+    run = train_classifier(train_dir, _config(seed, budget), run_dir=run_dir)
+    wall, cpu = time.monotonic() - t0, time.process_time() - c0
+    out["single"] = {
+        "test_accuracy": _test_accuracy(run_dir, test_dir),
+        "val_accuracy": run.metrics["val"]["accuracy"],
+        "wall_seconds": wall,
+        "cpu_seconds": cpu,
+        "load_average": [load0, _machine_load()],
+        "chosen": run.chosen,
+        "phases": run.phases,
+    }
+    _log(f"A seed {seed}: single run done in {wall:.0f} s: {out['single']['test_accuracy']:.3f}")
+
+    _log(f"A seed {seed}: search, budget {budget}")
+    run_dir = work / f"search-seed{seed}"
+    load0, t0, c0 = _machine_load(), time.monotonic(), time.process_time()
+    result = search_classifier(train_dir, _config(seed, budget), SearchConfig(), run_dir=run_dir)
+    wall, cpu = time.monotonic() - t0, time.process_time() - c0
+    trials = _trials(run_dir)
+    out["search"] = {
+        "test_accuracy": _test_accuracy(run_dir, test_dir),
+        "val_accuracy": result.metrics["val"]["accuracy"],
+        "wall_seconds": wall,
+        "cpu_seconds": cpu,
+        "load_average": [load0, _machine_load()],
+        "chosen": result.refit.chosen,
+        **_search_summary(run_dir),
+        "by_strategy": _by_strategy(trials),
+        "trials": trials,
+    }
+    _log(f"A seed {seed}: search done in {wall:.0f} s: {out['search']['test_accuracy']:.3f}")
+    return out
+
+
+def _by_strategy(trials: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for t in trials:
+        strategy = t["info"].get("strategy") or t["strategy"] or "not started"
+        cell = out.setdefault(strategy, {})
+        cell[t["state"]] = cell.get(t["state"], 0) + 1
+    return out
+
+
+# ---------------------------------------------------------------------------- B
+def pruning(train_dir: Path, test_dir: Path, work: Path, seed: int, trials: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"seed": seed, "trials": trials, "space": PRUNING_SPACE}
+    for pruner in ("hyperband", "none"):
+        _log(f"B seed {seed}: {trials} trials, pruner {pruner}")
+        run_dir = work / f"prune-{pruner}-seed{seed}"
+        search = SearchConfig(pruner=pruner, trials=trials, space=dict(PRUNING_SPACE))
+        load0, t0, c0 = _machine_load(), time.monotonic(), time.process_time()
+        search_classifier(train_dir, _config(seed, None), search, run_dir=run_dir)
+        wall, cpu = time.monotonic() - t0, time.process_time() - c0
+        rows = _trials(run_dir)
+        done = [r for r in rows if r["state"] in ("complete", "pruned")]
+        out[pruner] = {
+            **_search_summary(run_dir),
+            "wall_seconds": wall,
+            "cpu_seconds": cpu,
+            "load_average": [load0, _machine_load()],
+            "train_images": _counted_images(run_dir, done),
+            "train_images_recorded": sum(int(r["info"].get("train_images", 0)) for r in done),
+            "epochs": sum(int(r["info"].get("epochs", 0)) for r in done),
+            "trial_seconds": sum(float(r["info"].get("seconds", 0.0)) for r in done),
+            "test_accuracy": _test_accuracy(run_dir, test_dir),
+            "trials": rows,
+        }
+        _log(
+            f"B seed {seed}: {pruner} done in {wall:.0f} s; "
+            f"{out[pruner]['train_images']} train images, best val {out[pruner]['best_value']}"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------- output
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{v} {k}" for k, v in counts.items()) or "-"
+
+
+def table_a(results: list[dict[str, Any]]) -> str:
+    """Test accuracy on the held-out folder, what was kept, wall time against the budget and
+    the trials. (No validation column: a kept probe is refitted on train + val, so its
+    validation accuracy is not held out.)"""
+    lines = [
+        "| seed | budget | run | test accuracy | kept | wall time | vs budget | trials |",
+        "|---:|---|---|---:|---|---:|---:|---|",
+    ]
+    for r in results:
+        for name in ("single", "search"):
+            x = r[name]
+            trials, kept = "-", x["chosen"]
+            if name == "search":
+                kinds = "; ".join(f"{k}: {_counts(v)}" for k, v in x["by_strategy"].items())
+                trials = f"{_counts(x['counts'])} ({kinds})"
+                params = x.get("best_params") or {}
+                if params:
+                    kept += f" (best trial: {params.get('strategy')}, {params.get('backbone')}"
+                    kept += f", {params.get('img_size')} px, val {_pct(x['best_value'])})"
+            label = "single run (`--no-search`)" if name == "single" else "search + refit"
+            lines.append(
+                f"| {r['seed']} | {r['budget']} | {label} | {_pct(x['test_accuracy'])} | "
+                f"{kept} | {x['wall_seconds']:.0f} s | "
+                f"{100 * x['wall_seconds'] / r['budget_seconds']:.0f}% | {trials} |"
+            )
+    return "\n".join(lines)
+
+
+def table_b(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| seed | pruner | trials | fine-tune epochs | train images (counted / recorded) | "
+        "trial seconds | search wall / CPU | best val | refit test |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}x" if b else "-"
+
+    for r in results:
+        for name in ("hyperband", "none"):
+            x = r[name]
+            lines.append(
+                f"| {r['seed']} | {name} | {_counts(x['counts'])} | {x['epochs']} | "
+                f"{x['train_images']:,} / {x['train_images_recorded']:,} | "
+                f"{x['trial_seconds']:.0f} s | {x['search_seconds']:.0f} s / "
+                f"{x['cpu_seconds']:.0f} s | {_pct(x['best_value'])} | "
+                f"{_pct(x['test_accuracy'])} |"
+            )
+        hb, none = r["hyperband"], r["none"]
+        r["ratio"] = {
+            k: hb[k] / none[k] if none[k] else None
+            for k in ("epochs", "train_images", "trial_seconds", "search_seconds")
+        }
+        delta_val = 100 * ((hb["best_value"] or 0) - (none["best_value"] or 0))
+        lines.append(
+            f"| {r['seed']} | **hyperband / none** | | {ratio(hb['epochs'], none['epochs'])} | "
+            f"{ratio(hb['train_images'], none['train_images'])} | "
+            f"{ratio(hb['trial_seconds'], none['trial_seconds'])} | "
+            f"{ratio(hb['search_seconds'], none['search_seconds'])} wall | "
+            f"{delta_val:+.1f} pt | "
+            f"{100 * (hb['test_accuracy'] - none['test_accuracy']):+.1f} pt |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", default="5m", help="part A's budget for both runs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--per-class", type=int, default=30)
+    parser.add_argument("--test-per-class", type=int, default=30)
+    parser.add_argument("--trials", type=int, default=12, help="part B's trials per pruner")
+    parser.add_argument("--only", choices=["single-vs-search", "pruning"], default=None)
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument("--work", type=Path, default=None, help="keep the runs here")
+    parser.add_argument("--tables", type=Path, default=None, help="reprint the tables of a JSON")
+    args = parser.parse_args()
+    if args.tables is not None:
+        saved = json.loads(args.tables.read_text())
+        if saved["single_vs_search"]:
+            print(table_a(saved["single_vs_search"]) + "\n")
+        if saved["pruning"]:
+            print(table_b(saved["pruning"]))
+        return
+    threads = configure_threads()
+    work = args.work or Path(tempfile.mkdtemp(prefix="vf-search-bench-"))
+    data_root = Path(tempfile.gettempdir()) / "vf-bench-search-digits"
+    results: dict[str, Any] = {
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "visionflow": visionflow.__version__,
+            "processor": platform.processor() or platform.machine(),
+            "threads": threads,
+        },
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "single_vs_search": [],
+        "pruning": [],
+    }
+    for seed in args.seeds:
+        train_dir, test_dir = write_split(data_root, args.per_class, args.test_per_class, seed)
+        if args.only in (None, "single-vs-search"):
+            results["single_vs_search"].append(
+                single_vs_search(train_dir, test_dir, work, seed, args.budget)
+            )
+        if args.only in (None, "pruning"):
+            results["pruning"].append(pruning(train_dir, test_dir, work, seed, args.trials))
+        if args.out is not None:  # after every seed: a crash later keeps what was measured
+            args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    if results["single_vs_search"]:
+        print("### A. Search vs single run at the same budget\n")
+        print(table_a(results["single_vs_search"]) + "\n")
+    if results["pruning"]:
+        print("### B. Pruning: Hyperband vs none, same trials\n")
+        print(table_b(results["pruning"]) + "\n")
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    _log(f"runs kept in {work}")
+
+
+if __name__ == "__main__":
+    main()
