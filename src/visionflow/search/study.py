@@ -252,7 +252,9 @@ _PRUNERS: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
     "hyperband": lambda: optuna.pruners.HyperbandPruner(
         # from epoch 2: a first fine-tune epoch is too noisy to judge (measured: rung 1 pruned
         # the trial that ended best, BENCHMARKS.md)
-        min_resource=2, max_resource="auto", reduction_factor=3
+        min_resource=2,
+        max_resource="auto",
+        reduction_factor=3,
     ),
     "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
     "none": optuna.pruners.NopPruner,
