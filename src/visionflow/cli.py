@@ -15,17 +15,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from enum import StrEnum
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from visionflow import __version__
-from visionflow.errors import VisionflowError
+from visionflow._cli_errors import err
+from visionflow._cli_errors import handle_errors as _handle_errors
 
 app = typer.Typer(
     name="visionflow",
@@ -34,29 +33,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
 out = Console()
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _handle_errors(func: F) -> F:
-    """Turn library errors into one red line and the error's exit code, no traceback."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except VisionflowError as exc:
-            # soft_wrap: a long path must stay on one line (copyable); escape: messages hold
-            # lists like "['a', 'b']" that Rich would otherwise read as markup
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 class OutputFormat(StrEnum):
@@ -288,16 +265,10 @@ def _finish_train(result: Any, json_out: bool) -> None:
 
 
 def _read_space_file(path: Path) -> dict[str, Any]:
-    import yaml
-
+    from visionflow.config import read_yaml
     from visionflow.errors import ConfigError
 
-    if not path.is_file():
-        raise ConfigError(f"search space file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML/JSON ({exc})") from None
+    data = read_yaml(path, "search space file")
     if isinstance(data, dict) and isinstance(data.get("search"), dict):
         data = data["search"].get("space", data["search"])
     if not isinstance(data, dict):

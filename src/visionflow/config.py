@@ -133,6 +133,17 @@ class SearchConfig(BaseModel):
     )
 
 
+def read_yaml(path: Path, what: str = "config file") -> Any:
+    """The YAML/JSON document of a settings file (``{}`` when empty); a missing or malformed
+    file is a :class:`ConfigError` naming it."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML/JSON ({exc})") from None
+
+
 def _did_you_mean(key: str, known: list[str]) -> str:
     hint = difflib.get_close_matches(key, known, n=1)
     return f" (did you mean {hint[0]!r}?)" if hint else ""
@@ -169,12 +180,7 @@ def load_train_config(
         data.update(PRESETS[preset])
     if file is not None:
         path = Path(file)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML/JSON ({exc})") from None
+        loaded = read_yaml(path)
         if not isinstance(loaded, dict):
             raise ConfigError(
                 f"{path}: expected a mapping of settings, got {type(loaded).__name__}"
@@ -197,12 +203,7 @@ def load_search_config(
     if file is not None:
         path = Path(file)
         where = f"{path}: search"
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML/JSON ({exc})") from None
+        loaded = read_yaml(path)
         section = loaded.get("search", {}) if isinstance(loaded, dict) else {}
         if not isinstance(section, dict):
             raise ConfigError(f"{path}: 'search' must be a mapping of search settings")

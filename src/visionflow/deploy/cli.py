@@ -1,25 +1,22 @@
 """``visionflow k8s``: write Kubernetes manifests for a distributed search.
 
-Registered in the main CLI with ``app.add_typer(k8s_app, name="k8s")``. The errors are handled
-as in :mod:`visionflow.cli` (one red line, the error's exit code); the handler is repeated here
-rather than imported because ``visionflow.cli`` imports this module, and importing back from a
-half-initialised module would fail.
+Registered in the main CLI with ``app.add_typer(k8s_app, name="k8s")``. Errors are reported by
+the handler every command shares (:mod:`visionflow._cli_errors`).
 """
 
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from visionflow._cli_errors import err as _err
+from visionflow._cli_errors import handle_errors as _handle_errors
 from visionflow.deploy.k8s import DATA_MOUNT, DEFAULT_IMAGE, NOT_APPLIED, write_tune_manifests
-from visionflow.errors import VisionflowError
 
 __all__ = ["k8s_app"]
 
@@ -29,24 +26,7 @@ k8s_app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-_err = Console(stderr=True)
 _out = Console()
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _handle_errors(func: F) -> F:
-    """Turn library errors into one red line and the error's exit code, no traceback."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except VisionflowError as exc:
-            _err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 @k8s_app.command(context_settings={"allow_extra_args": True})

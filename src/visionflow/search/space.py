@@ -28,9 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeAlias
 
-import yaml
-
-from visionflow.config import TrainConfig
+from visionflow.config import TrainConfig, read_yaml
 from visionflow.errors import ConfigError
 
 __all__ = [
@@ -517,12 +515,7 @@ def load_space(
     key (optionally under ``search: {space: ...}``).
     """
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"search space file {file} does not exist")
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{file}: not valid YAML/JSON ({exc})") from None
+    data = read_yaml(file, "search space file")
     if isinstance(data, dict) and isinstance(data.get("search"), dict):
         data = data["search"]
         if isinstance(data.get("space"), dict):
