@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "BudgetError",
+    "BundleError",
     "CheckpointError",
     "ConfigError",
     "DataError",
@@ -69,3 +70,9 @@ class MissingDependencyError(VisionflowError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
 
     exit_code = 6
+
+
+class BundleError(VisionflowError):
+    """A model bundle is missing, malformed, tampered with, truncated or unsafe to extract."""
+
+    exit_code = 7
