@@ -106,3 +106,22 @@ def salted_folder(tmp_path: Path) -> Path:
     shutil.copyfile(cats / "cats_01.png", dogs / "from_cats_01.png")
     noisy_rgb(rng, (50, 110, 190), (4, 4)).save(dogs / "tiny.png")
     return root
+
+
+# ------------------------------------------------------------------------------ a trained run
+TINY_TRAIN = {"backbone": "test_efficientnet", "weights": "none", "img_size": 32, "budget": None,
+              "epochs": 3, "batch_size": 8, "patience": None, "num_workers": 0}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny run (``test_efficientnet``, 32 px) on the 3-colour dataset, shared by the
+    session: export and serving tests read it, none may change it."""
+    from visionflow.config import load_train_config
+    from visionflow.train.recipe import train_classifier
+
+    root = tmp_path_factory.mktemp("trained")
+    data = write_class_folder(root / "data", COLOURS, PER_CLASS, seed=0)
+    run_dir = root / "runs" / "tiny"
+    train_classifier(data, load_train_config(overrides=TINY_TRAIN), run_dir=run_dir)
+    return run_dir

@@ -3,90 +3,39 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image
 from rich.console import Console
 
 from visionflow._io import read_json
 from visionflow.config import TrainConfig, load_train_config
-from visionflow.data.checks import check_dataset
-from visionflow.data.images import IMAGE_EXTENSIONS, load_image
 from visionflow.data.preprocess import Preprocessing
-from visionflow.data.readers import read_dataset
 from visionflow.data.transforms import eval_transform
-from visionflow.errors import CheckpointError, ConfigError, DataError
-from visionflow.evaluate.metrics import classification_metrics
+from visionflow.errors import CheckpointError, ConfigError
 from visionflow.models.backbones import create_backbone
 from visionflow.models.heads import LinearHead, TaskModel
+from visionflow.prediction import (
+    ImageInput,
+    Prediction,
+    as_list,
+    evaluate_dataset,
+    expand_inputs,
+    to_image,
+    top_k,
+)
 from visionflow.train.checkpoint import load_weights
 from visionflow.train.device import configure_threads, select_device
 from visionflow.train.recipe import RunResult, train_classifier
 
+if TYPE_CHECKING:
+    from visionflow.export.runtime import BundleModel
+
 __all__ = ["AutoClassifier", "ClassifierModel", "Prediction", "expand_inputs", "load"]
-
-ImageInput = str | Path | Image.Image | np.ndarray
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One image's prediction: the top label, its probability and the top-k alternatives."""
-
-    source: str
-    label: str
-    probability: float
-    topk: list[tuple[str, float]]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "label": self.label,
-            "probability": self.probability,
-            "topk": [{"label": lbl, "probability": p} for lbl, p in self.topk],
-        }
-
-
-def expand_inputs(items: Iterable[str | Path]) -> list[Path]:
-    """Paths as given, with directories expanded (recursively) to the image files inside."""
-    out: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and p.suffix.lower() in IMAGE_EXTENSIONS
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            out.extend(found)
-        else:
-            out.append(path)
-    return out
-
-
-def _to_image(item: ImageInput, max_pixels: int) -> tuple[Image.Image, str]:
-    if isinstance(item, Image.Image):
-        return item.convert("RGB"), "<PIL.Image>"
-    if isinstance(item, np.ndarray):
-        arr = item
-        if arr.dtype != np.uint8:
-            scale = 255.0 if arr.size and float(np.nanmax(arr)) <= 1.0 else 1.0
-            arr = np.clip(arr.astype(np.float64) * scale, 0, 255).astype(np.uint8)
-        if arr.ndim == 2:
-            arr = np.stack([arr] * 3, axis=-1)
-        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-            raise DataError(f"array of shape {item.shape} is not an HxW or HxWxC image")
-        if arr.shape[2] == 1:
-            arr = np.repeat(arr, 3, axis=2)
-        return Image.fromarray(arr[:, :, :3]), "<array>"
-    return load_image(item, max_pixels=max_pixels), str(item)
 
 
 class ClassifierModel:
@@ -143,7 +92,7 @@ class ClassifierModel:
             chunk = items[start : start + batch_size]
             tensors, names = [], []
             for item in chunk:
-                image, name = _to_image(item, max_pixels)
+                image, name = to_image(item, max_pixels)
                 tensors.append(self._transform(image))
                 names.append(name)
             yield torch.stack(tensors), names
@@ -157,7 +106,7 @@ class ClassifierModel:
         max_pixels: int = 64_000_000,
     ) -> np.ndarray:
         """Class probabilities, one row per input (columns in :attr:`classes` order)."""
-        items = _as_list(inputs)
+        items = as_list(inputs)
         rows = []
         for batch, _ in self._batches(items, batch_size, max_pixels):
             x = batch.to(self.device).contiguous(memory_format=torch.channels_last)
@@ -170,59 +119,41 @@ class ClassifierModel:
         self, inputs: ImageInput | Sequence[ImageInput], *, topk: int = 3, batch_size: int = 32
     ) -> list[Prediction]:
         """Top label, probability and top-k alternatives per input."""
-        items = _as_list(inputs)
+        items = as_list(inputs)
         probs = self.predict_proba(items, batch_size=batch_size)
-        k = max(1, min(topk, len(self.classes)))
-        out = []
-        for item, row in zip(items, probs, strict=True):
-            order = np.argsort(-row)[:k]
-            source = str(item) if isinstance(item, str | Path) else type(item).__name__
-            out.append(
-                Prediction(
-                    source=source,
-                    label=self.classes[int(order[0])],
-                    probability=float(row[order[0]]),
-                    topk=[(self.classes[int(i)], float(row[i])) for i in order],
-                )
-            )
-        return out
+        return top_k(probs, self.classes, items, topk)
 
     def evaluate(self, data: str | Path, *, batch_size: int = 32) -> dict[str, Any]:
         """Metrics on a labelled dataset (same class names); unreadable files are skipped."""
-        index = read_dataset(data)
-        report, clean = check_dataset(index)
-        unknown = sorted(
-            {s.label for s in clean.samples if s.label is not None and s.label not in self.classes}
-        )
-        if unknown:
-            raise DataError(
-                f"{data}: labels {unknown} are not classes of this model ({self.classes})"
-            )
-        samples = [s for s in clean.samples if s.label is not None]
-        if not samples:
-            raise DataError(f"{data}: no labelled, readable images to evaluate on")
-        probs = self.predict_proba([s.path for s in samples], batch_size=batch_size)
-        mapping = {c: i for i, c in enumerate(self.classes)}
-        y = np.array([mapping[s.label] for s in samples if s.label is not None])
-        metrics = classification_metrics(y, probs, self.classes)
-        metrics["skipped"] = [b.__dict__ for b in report.unreadable]
-        return metrics
+        return evaluate_dataset(self.predict_proba, self.classes, data, batch_size=batch_size)
 
 
-def _as_list(inputs: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
-    if isinstance(inputs, str | Path | Image.Image | np.ndarray):
-        return [inputs]
-    return list(inputs)
-
-
-def load(path: str | Path, *, device: str = "auto") -> ClassifierModel:
-    """Load a trained model from a run directory (``runs/<name>``)."""
+def load(path: str | Path, *, device: str = "auto") -> ClassifierModel | BundleModel:
+    """Load a trained model: a run directory (``runs/<name>``, PyTorch) or a bundle (a ``.vfb``
+    file or an exported directory, ONNX Runtime; verified before use)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p} does not exist")
+    if is_bundle(p):
+        from visionflow.export.runtime import load_bundle
+
+        return load_bundle(p)
     if p.is_dir():
         return ClassifierModel.from_run(p, device=device)
-    raise CheckpointError(f"{p}: expected a run directory")
+    raise CheckpointError(f"{p}: expected a run directory or a model bundle (.vfb)")
+
+
+def is_bundle(path: Path) -> bool:
+    """A bundle is a file (an archive) or a directory whose ``model.json`` names its format."""
+    if path.is_file():
+        return True
+    manifest = path / "model.json"
+    if not manifest.is_file():
+        return False
+    try:
+        return "format" in read_json(manifest)
+    except (OSError, ValueError):
+        return True  # a damaged bundle: let the bundle reader say what is wrong
 
 
 def default_run_name(data: str | Path) -> str:

@@ -13,6 +13,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "ExportError",
     "ImageDecodeError",
     "MissingDependencyError",
     "VisionflowError",
@@ -76,3 +77,9 @@ class BundleError(VisionflowError):
     """A model bundle is missing, malformed, tampered with, truncated or unsafe to extract."""
 
     exit_code = 7
+
+
+class ExportError(VisionflowError):
+    """A model could not be exported, or an exported graph disagrees with PyTorch."""
+
+    exit_code = 8

@@ -10,6 +10,9 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from visionflow.errors import ConfigError
 
 __all__ = ["INTERPOLATIONS", "Preprocessing"]
@@ -54,6 +57,55 @@ class Preprocessing:
         """Short-side size before the centre crop at evaluation time."""
         return math.floor(self.input_size / self.crop_pct)
 
+    def resize_crop(self, image: Image.Image) -> Image.Image:
+        """Resize the short side to :attr:`resize_size` and centre-crop :attr:`input_size`.
+
+        The one geometric step of evaluation-time preprocessing, in PIL, shared by the training
+        loop's evaluation transform, PyTorch prediction and ONNX Runtime prediction (which must
+        not need torch), so the three see the same pixels.
+        """
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        width, height = image.size
+        short = self.resize_size
+        if width <= height:
+            size = (short, max(1, int(short * height / width)))
+        else:
+            size = (max(1, int(short * width / height)), short)
+        if size != image.size:
+            image = image.resize(size, _PIL_FILTERS[self.interpolation])
+        width, height = image.size
+        side = self.input_size
+        if width < side or height < side:  # only when crop_pct > 1 would allow it; pad like TF
+            canvas = Image.new("RGB", (max(width, side), max(height, side)))
+            canvas.paste(image, ((canvas.width - width) // 2, (canvas.height - height) // 2))
+            image, width, height = canvas, canvas.width, canvas.height
+        left = round((width - side) / 2.0)
+        top = round((height - side) / 2.0)
+        return image.crop((left, top, left + side, top + side))
+
+    def pixels(self, images: list[Image.Image]) -> np.ndarray:
+        """``uint8`` batch ``(N, input_size, input_size, 3)`` of resized, cropped images: the
+        input of exported graphs, which normalise inside (see :meth:`normalize`)."""
+        side = self.input_size
+        out = np.empty((len(images), side, side, 3), dtype=np.uint8)
+        for i, image in enumerate(images):
+            out[i] = np.asarray(self.resize_crop(image), dtype=np.uint8)
+        return out
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """``uint8`` NHWC pixels to the ``float32`` NCHW tensor the network takes:
+        ``(pixels / 255 - mean) / std``, computed as ``pixels * scale + shift`` like the graph."""
+        scale, shift = self.affine()
+        x = pixels.astype(np.float32).transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(x * scale[None, :, None, None] + shift[None, :, None, None])
+
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel ``scale`` and ``shift`` with ``normalised = pixel * scale + shift``."""
+        std = np.asarray(self.std, dtype=np.float64)
+        mean = np.asarray(self.mean, dtype=np.float64)
+        return (1.0 / (255.0 * std)).astype(np.float32), (-mean / std).astype(np.float32)
+
     def with_size(self, input_size: int) -> Preprocessing:
         return replace(self, input_size=int(input_size))
 
@@ -91,6 +143,13 @@ class Preprocessing:
             interpolation=interp,
             crop_pct=float(cfg.get("crop_pct", 0.875) or 0.875),
         )
+
+
+_PIL_FILTERS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
 
 
 def _triple(value: Any, name: str) -> tuple[float, float, float]:

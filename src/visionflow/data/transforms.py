@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from visionflow.data.preprocess import Preprocessing
@@ -35,16 +36,28 @@ def _to_tensor(pre: Preprocessing) -> list[Any]:
 
 
 def eval_transform(pre: Preprocessing) -> Callable[[Any], torch.Tensor]:
-    """Resize the short side to ``pre.resize_size``, centre-crop ``pre.input_size``, normalise."""
-    interp = _INTERP[pre.interpolation]
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(pre.resize_size, interpolation=interp, antialias=True),
-            v2.CenterCrop(pre.input_size),
-            *_to_tensor(pre)[1:],
-        ]
-    )
+    """Resize the short side to ``pre.resize_size``, centre-crop ``pre.input_size``, normalise.
+
+    The resize and crop are :meth:`Preprocessing.resize_crop` (PIL), the same code ONNX Runtime
+    prediction runs without torch, so training-time evaluation and every prediction path agree.
+    """
+    return v2.Compose([_ResizeCrop(pre), *_to_tensor(pre)])
+
+
+class _ResizeCrop:
+    """Picklable (for DataLoader workers) wrapper of :meth:`Preprocessing.resize_crop`."""
+
+    def __init__(self, pre: Preprocessing) -> None:
+        self.pre = pre
+
+    def __call__(self, image: Any) -> Any:
+        if isinstance(image, Image.Image):
+            return self.pre.resize_crop(image)
+        # tensors (tests, callers with decoded arrays) take torchvision's equivalent path
+        interp = _INTERP[self.pre.interpolation]
+        image = v2.functional.resize(image, self.pre.resize_size, interpolation=interp,
+                                     antialias=True)  # fmt: skip
+        return v2.functional.center_crop(image, self.pre.input_size)
 
 
 def train_transform(
