@@ -13,11 +13,26 @@ __version__ = "0.1.0"
 __all__ = ["AutoClassifier", "ClassifierModel", "__version__", "load"]
 
 if TYPE_CHECKING:
-    from visionflow.api import AutoClassifier, ClassifierModel, load
+    from pathlib import Path
+
+    from visionflow.api import AutoClassifier, ClassifierModel
+    from visionflow.export.runtime import BundleModel
+
+
+def load(path: str | Path, *, device: str = "auto") -> ClassifierModel | BundleModel:
+    """Load a trained model: a bundle (``.vfb`` file or exported directory) on ONNX Runtime,
+    verified first and without importing PyTorch, or a run directory (``runs/<name>``)."""
+    from visionflow.export.runtime import is_bundle, load_bundle
+
+    if is_bundle(path):
+        return load_bundle(path)
+    from visionflow import api
+
+    return api.load(path, device=device)
 
 
 def __getattr__(name: str) -> Any:
-    if name in {"AutoClassifier", "ClassifierModel", "load"}:
+    if name in {"AutoClassifier", "ClassifierModel"}:
         from visionflow import api
 
         return getattr(api, name)

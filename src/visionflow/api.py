@@ -134,26 +134,13 @@ def load(path: str | Path, *, device: str = "auto") -> ClassifierModel | BundleM
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p} does not exist")
-    if is_bundle(p):
-        from visionflow.export.runtime import load_bundle
+    from visionflow.export.runtime import is_bundle, load_bundle
 
+    if is_bundle(p):
         return load_bundle(p)
     if p.is_dir():
         return ClassifierModel.from_run(p, device=device)
     raise CheckpointError(f"{p}: expected a run directory or a model bundle (.vfb)")
-
-
-def is_bundle(path: Path) -> bool:
-    """A bundle is a file (an archive) or a directory whose ``model.json`` names its format."""
-    if path.is_file():
-        return True
-    manifest = path / "model.json"
-    if not manifest.is_file():
-        return False
-    try:
-        return "format" in read_json(manifest)
-    except (OSError, ValueError):
-        return True  # a damaged bundle: let the bundle reader say what is wrong
 
 
 def default_run_name(data: str | Path) -> str:

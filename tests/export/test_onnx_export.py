@@ -102,7 +102,8 @@ def test_int8_and_fp16_graphs_agree_with_fp32(trained_run, tmp_path):
     data = sorted(trained_run.parent.parent.joinpath("data").rglob("*.png"))
     pixels = pre.pixels([Image.open(p).convert("RGB") for p in data])
     settings = quantize_int8(fp32, tmp_path / "m8.onnx", pixels)
-    assert settings["format"] == "QDQ" and settings["calibration"]["images"] == len(pixels)
+    assert settings["format"] == "QDQ"
+    assert settings["calibration"]["images"] == len(pixels) - len(pixels) % 16  # equal batches
     graph = onnx.load(str(tmp_path / "m8.onnx")).graph
     assert any(n.op_type == "QuantizeLinear" for n in graph.node)
     reference = make_session(fp32).run(["logits"], {"images": pixels})[0]

@@ -39,9 +39,14 @@ class _Reader:
     """ONNX Runtime calibration reader over ``uint8`` pixel batches."""
 
     def __init__(self, pixels: np.ndarray, batch_size: int) -> None:
+        # equal batches only: the histogram calibrators (percentile, entropy) stack the
+        # per-batch outputs and fail on a shorter last batch, so the remainder is dropped
+        batch_size = max(1, min(batch_size, len(pixels)))
+        usable = len(pixels) - len(pixels) % batch_size
         self._batches: Iterator[np.ndarray] = iter(
-            [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
+            [pixels[i : i + batch_size] for i in range(0, usable, batch_size)]
         )
+        self.images = usable
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self._batches, None)
@@ -102,10 +107,11 @@ def quantize_int8(
             first = next((i for i, n in enumerate(graph.node) if n.op_type == "Conv"), 0)
             keep_float = [n.name for n in graph.node[:first]]
             out = target.with_name(target.name + ".tmp")
+            reader = _Reader(calibration, batch_size)
             quantize_static(
                 str(prepared),
                 str(out),
-                _Reader(calibration, batch_size),
+                reader,
                 quant_format=QuantFormat.QDQ,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
@@ -126,7 +132,7 @@ def quantize_int8(
         "format": "QDQ",
         "weights": "int8 per-channel" + ("" if full_range else " (7-bit range)"),
         "activations": "uint8 per-tensor",
-        "calibration": {"method": method, "images": len(calibration)},
+        "calibration": {"method": method, "images": reader.images},
         "float_nodes": keep_float,
     }
 
