@@ -46,6 +46,14 @@ def test_fit_predict_evaluate_and_load(image_folder, tmp_path):
     )
     assert preds[0].probability == pytest.approx(float(proba[0].max()), abs=1e-5)
 
+    bundle = clf.export(tmp_path / "api.vfb")
+    exported = visionflow.load(bundle)
+    assert (
+        exported.predict([path, pil, array, gray, path.read_bytes()], topk=1)[0].label
+        == (labels[0])
+    )
+    np.testing.assert_allclose(exported.predict_proba([path]), proba[:1], atol=1e-4)
+
 
 def test_unknown_setting_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="backbon"):

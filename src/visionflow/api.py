@@ -157,6 +157,7 @@ class AutoClassifier:
         clf = visionflow.AutoClassifier(budget="10m").fit("data/flowers")
         clf.evaluate("data/flowers_test")
         clf.predict(["a.jpg", "b.jpg"])
+        clf.export("flowers.vfb")
 
     Args:
         budget: Wall-clock budget such as ``"10m"`` (``None``: no limit).
@@ -240,3 +241,13 @@ class AutoClassifier:
 
     def evaluate(self, data: str | Path) -> dict[str, Any]:
         return self._fitted().evaluate(data)
+
+    def export(
+        self, out: str | Path, *, int8: bool = False, fp16: bool = False, overwrite: bool = False
+    ) -> Path:
+        """Write the fitted model as a verified bundle (see
+        :func:`visionflow.export.exporter.export_run`); returns its path."""
+        from visionflow.export.exporter import export_run
+
+        self._fitted()
+        return export_run(self.run_dir_, out, int8=int8, fp16=fp16, overwrite=overwrite).path
