@@ -9,7 +9,7 @@
    path (decode, resize, crop, graph), and profile where the time of the default graph goes.
 
     .venv/bin/python benchmarks/inference.py [--budget 3m] [--run DIR] [--repeats 200]
-        [--threads 2] [--out inference.json]
+        [--threads 2] [--out inference.json] [--keep DIR]
 
 Prints Markdown for BENCHMARKS.md (progress on stderr) and writes JSON (``--out``).
 """
@@ -57,9 +57,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("inference.json"))
+    parser.add_argument("--keep", type=Path, help="keep the run and bundle in this folder")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="vf-inference-"))
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    work = args.keep or Path(tempfile.mkdtemp(prefix="vf-inference-"))
     try:
         run = args.run
         if run is None:
@@ -76,8 +79,9 @@ def main() -> None:
             train_classifier(data, config, run_dir=run)
         _log("exporting with --int8")
         started = time.perf_counter()
-        result = export_run(run, work / "model.vfb", int8=True, progress=_log)
+        result = export_run(run, work / "model.vfb", int8=True, progress=_log, overwrite=True)
         export_seconds = time.perf_counter() - started
+        shutil.rmtree(work / "test", ignore_errors=True)
         test = _test_folder(run, work / "test")
         _log("timing")
         rows = benchmark_bundle(
@@ -124,7 +128,8 @@ def main() -> None:
             for op, ms, n in prof[:8]:
                 print(f"| {op} | {ms:.1f} | {100 * ms / total:.0f} % | {n} |")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
