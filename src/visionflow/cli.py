@@ -524,6 +524,9 @@ def _register_subcommands() -> None:
     from visionflow.deploy.cli import k8s_app
 
     app.add_typer(k8s_app, name="k8s", help="Kubernetes manifests for a distributed search.")
+    from visionflow.serve.cli import serve
+
+    app.command()(serve)
 
 
 _register_subcommands()
