@@ -524,6 +524,9 @@ def _register_subcommands() -> None:
     from visionflow.deploy.cli import k8s_app
 
     app.add_typer(k8s_app, name="k8s", help="Kubernetes manifests for a distributed search.")
+    from visionflow.registry.cli import registry_app
+
+    app.add_typer(registry_app, name="registry", help="Model registry: versions and aliases.")
     from visionflow.serve.cli import serve
 
     app.command()(serve)

@@ -16,6 +16,7 @@ __all__ = [
     "ExportError",
     "ImageDecodeError",
     "MissingDependencyError",
+    "RegistryError",
     "VisionflowError",
     "WeightsError",
 ]
@@ -83,3 +84,10 @@ class ExportError(VisionflowError):
     """A model could not be exported, or an exported graph disagrees with PyTorch."""
 
     exit_code = 8
+
+
+class RegistryError(VisionflowError):
+    """A model registry operation was refused: unknown model, version or alias, a bad name,
+    a version still aliased, or a registry database that cannot be reached."""
+
+    exit_code = 9
