@@ -235,3 +235,13 @@ def test_alias_move_without_restart_and_without_failing_requests_in_flight():
         assert r.status_code == 200 and r.json()["version"] == 1
         listed = srv.client.get("/v1/models").json()["models"][0]
         assert listed["aliases"] == {"production": 2}
+
+
+def test_open_server_on_a_public_interface_is_warned_about(caplog):
+    settings = ServeSettings(host="0.0.0.0")
+    with (
+        caplog.at_level("WARNING", logger="visionflow.serve"),
+        live(create_app(settings, source=StaticSource({"fake": FakeModel()}))),
+    ):
+        pass
+    assert any("without API keys" in r.getMessage() for r in caplog.records)

@@ -500,8 +500,8 @@ class ModelSource:
             lm.release()
 
     def acquire(self, name: str, version: int) -> LoadedModel:
-        """A lease on a loaded version, or None-free: raises if it is not loaded (see
-        :meth:`ensure_loaded` for versions asked for by number)."""
+        """A lease on a loaded version (503 if it is not loaded: see :meth:`ensure_loaded`
+        for versions asked for by number). Give it back with ``release()``."""
         with self._lock:
             lm = self._loaded.get((name, version))
             if lm is None:
