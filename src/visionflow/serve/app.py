@@ -33,8 +33,10 @@ from visionflow import __version__
 from visionflow.errors import ConfigError, VisionflowError
 from visionflow.serve._errors import ServeError
 from visionflow.serve.metrics import ServeMetrics
+from visionflow.serve.rollout import RolloutManager, RolloutObserver, RolloutSelector
 from visionflow.serve.routes import admin, health, models, v2
 from visionflow.serve.routes import metrics as metrics_routes
+from visionflow.serve.routes import rollout as rollout_routes
 from visionflow.serve.runtime import (
     BundleSource,
     ModelSource,
@@ -219,6 +221,8 @@ def create_app(
     source = source or source_from_settings(settings)
     keys = keys if keys is not None else KeyStore.from_file(settings.api_keys)
     metrics = ServeMetrics()
+    rollout = RolloutManager(settings.rollout_file).load()  # policies kept across restarts
+    rollout.bind(source, metrics, timeout_s=settings.timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -241,6 +245,7 @@ def create_app(
             yield
         finally:
             await run_in_threadpool(loader.join, 60)
+            await run_in_threadpool(rollout.stop)
             await run_in_threadpool(source.stop)
 
     app = FastAPI(
@@ -253,11 +258,12 @@ def create_app(
     app.state.settings = settings
     app.state.source = source
     app.state.metrics = metrics
-    app.state.selector = selector or VersionSelector()
-    app.state.hooks = list(hooks)
+    app.state.selector = RolloutSelector(rollout, selector or VersionSelector())
+    app.state.hooks = [*hooks, rollout]
+    app.state.rollout = rollout
     app.state.keys = keys
     _install_error_handlers(app)
-    for module in (health, metrics_routes, models, v2, admin):
+    for module in (health, metrics_routes, models, v2, admin, rollout_routes):
         app.include_router(module.router)
     if settings.cors:
         app.add_middleware(
@@ -267,5 +273,6 @@ def create_app(
             allow_headers=["authorization", "x-api-key", "content-type", "x-request-id"],
             expose_headers=["x-request-id", "x-model-version"],
         )
+    app.add_middleware(RolloutObserver, manager=rollout)  # inside the gateway
     app.add_middleware(_Gateway, max_body=settings.max_body_bytes, metrics=metrics)
     return app

@@ -639,6 +639,10 @@ class RegistrySource(ModelSource):
                 self._registry = Registry.open(self.root, url=self.url)
             return self._registry
 
+    def registry(self) -> Any:
+        """The :class:`~visionflow.registry.store.Registry` served (rollouts promote in it)."""
+        return self._open()
+
     def revision(self) -> int | None:
         return int(self._open().revision())
 

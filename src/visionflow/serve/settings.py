@@ -55,6 +55,9 @@ class ServeSettings(BaseModel):
         bundle: Serve this one bundle (as ``name``, default: the bundle's own name)...
         registry: ...or every model of this registry (``db``: its database URL, if not the
             default one under the registry root).
+        state_dir: Folder for state that outlives the process (rollout policies:
+            ``rollout.json``); default: the registry folder when serving a registry, else
+            none (policies are kept in memory only).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -79,6 +82,7 @@ class ServeSettings(BaseModel):
     name: str | None = None
     registry: Path | None = None
     db: str | None = None
+    state_dir: Path | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ServeSettings:
@@ -91,6 +95,12 @@ class ServeSettings(BaseModel):
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def rollout_file(self) -> Path | None:
+        """Where rollout policies are kept (see ``state_dir``)."""
+        folder = self.state_dir if self.state_dir is not None else self.registry
+        return folder / "rollout.json" if folder is not None else None
 
     @property
     def loopback(self) -> bool:
