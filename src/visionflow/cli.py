@@ -530,6 +530,9 @@ def _register_subcommands() -> None:
     from visionflow.serve.cli import serve
 
     app.command()(serve)
+    from visionflow.feedback_cli import register as register_feedback
+
+    register_feedback(app)  # visionflow feedback export, visionflow retrain --from-feedback
     from visionflow.serve.rollout_cli import rollout_app
 
     app.add_typer(rollout_app, name="rollout", help="Rollouts on a running server (admin API).")

@@ -32,9 +32,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from visionflow import __version__
 from visionflow.errors import ConfigError, VisionflowError
 from visionflow.serve._errors import ServeError
+from visionflow.serve.feedback import FeedbackStore, RequestCache, RequestCapture
 from visionflow.serve.metrics import ServeMetrics
+from visionflow.serve.monitor import DriftMonitor
 from visionflow.serve.rollout import RolloutManager, RolloutObserver, RolloutSelector
-from visionflow.serve.routes import admin, health, models, v2
+from visionflow.serve.routes import admin, drift, feedback, health, models, v2
 from visionflow.serve.routes import metrics as metrics_routes
 from visionflow.serve.routes import rollout as rollout_routes
 from visionflow.serve.runtime import (
@@ -224,6 +226,22 @@ def create_app(
     rollout = RolloutManager(settings.rollout_file).load()  # policies kept across restarts
     rollout.bind(source, metrics, timeout_s=settings.timeout_s)
 
+    monitor = None
+    if settings.drift:  # a hook after each answer; tests run lazily (reports, /metrics)
+        monitor = DriftMonitor(
+            source, window=settings.drift_window, min_samples=settings.drift_min_samples,
+            alpha=settings.drift_alpha, interval_s=settings.drift_interval_s,
+        )  # fmt: skip
+        metrics.registry.register(monitor.collector())
+    store = FeedbackStore(settings.feedback) if settings.feedback is not None else None
+    cache = None
+    if store is not None and settings.feedback_cache_requests and settings.feedback_cache_mb:
+        cache = RequestCache(
+            max_requests=settings.feedback_cache_requests,
+            max_bytes=int(settings.feedback_cache_mb * 2**20),
+            max_age_s=settings.feedback_cache_s,
+        )
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threads
@@ -262,9 +280,16 @@ def create_app(
     app.state.hooks = [*hooks, rollout]
     app.state.rollout = rollout
     app.state.keys = keys
+    app.state.monitor, app.state.feedback, app.state.request_cache = monitor, store, cache
+    if monitor is not None:
+        app.state.hooks.append(monitor)
     _install_error_handlers(app)
     for module in (health, metrics_routes, models, v2, admin, rollout_routes):
         app.include_router(module.router)
+    app.include_router(drift.router)
+    app.include_router(feedback.router)
+    if cache is not None:  # keeps recent predict requests for feedback by request id
+        app.add_middleware(RequestCapture, cache=cache)
     if settings.cors:
         app.add_middleware(
             CORSMiddleware,

@@ -52,6 +52,14 @@ class ServeSettings(BaseModel):
         cors: Allowed CORS origins (none: CORS headers are never sent).
         poll_s: How often a registry source checks for new versions and alias moves.
         warmup: Run one dummy batch per model version before it serves.
+        drift: Watch live traffic for drift from each bundle's reference statistics
+            (:mod:`visionflow.serve.monitor`): ``drift_window`` recent images per version,
+            an alert from ``drift_min_samples`` images when a Bonferroni-adjusted p-value falls
+            below ``drift_alpha``; reports recomputed at most every ``drift_interval_s``.
+        feedback: Feedback store folder (:mod:`visionflow.serve.feedback`); none: ``POST
+            /v1/feedback`` is off. Recent predict requests are kept for feedback by request id
+            (at most ``feedback_cache_requests``, ``feedback_cache_mb``, ``feedback_cache_s``);
+            ``feedback_new_labels`` accepts labels that are not classes of the model.
         bundle: Serve this one bundle (as ``name``, default: the bundle's own name)...
         registry: ...or every model of this registry (``db``: its database URL, if not the
             default one under the registry root).
@@ -78,6 +86,16 @@ class ServeSettings(BaseModel):
     cors: list[str] = Field(default_factory=list)
     poll_s: float = Field(default=3.0, gt=0, le=3600)
     warmup: bool = True
+    drift: bool = True
+    drift_window: int = Field(default=500, ge=10, le=100_000)
+    drift_min_samples: int = Field(default=100, ge=2, le=100_000)
+    drift_alpha: float = Field(default=0.01, gt=0, lt=1)
+    drift_interval_s: float = Field(default=5.0, ge=0, le=3600)
+    feedback: Path | None = None
+    feedback_cache_requests: int = Field(default=1000, ge=0, le=1_000_000)
+    feedback_cache_mb: float = Field(default=256.0, ge=0, le=65536)
+    feedback_cache_s: float = Field(default=3600.0, gt=0)
+    feedback_new_labels: bool = False
     bundle: Path | None = None
     name: str | None = None
     registry: Path | None = None
