@@ -66,6 +66,21 @@ def serve(
     poll_s: Annotated[
         float, typer.Option(help="Seconds between registry checks for new versions.")
     ] = 3.0,
+    feedback: Annotated[
+        Path | None,
+        typer.Option(help="Feedback store folder: enables POST /v1/feedback (off by default)."),
+    ] = None,
+    feedback_new_labels: Annotated[
+        bool, typer.Option(help="Accept feedback labels that are not classes of the model.")
+    ] = False,
+    drift: Annotated[
+        bool, typer.Option("--drift/--no-drift", help="Watch live traffic for drift.")
+    ] = True,
+    drift_window: Annotated[int, typer.Option(help="Recent images per drift window.")] = 500,
+    drift_min_samples: Annotated[
+        int, typer.Option(help="Images a drift window needs before it may alert.")
+    ] = 100,
+    drift_alpha: Annotated[float, typer.Option(help="Drift alert significance level.")] = 0.01,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
     hash_key: Annotated[
         str | None,
@@ -103,6 +118,9 @@ def serve(
         "max_body_mb": max_body_mb, "max_pixels": max_pixels, "timeout_s": timeout_s,
         "cors": cors or [], "poll_s": poll_s, "bundle": bundle, "name": name,
         "registry": registry, "db": db, "threads": threads, "ort_threads": ort_threads,
+        "feedback": feedback, "feedback_new_labels": feedback_new_labels, "drift": drift,
+        "drift_window": drift_window, "drift_min_samples": drift_min_samples,
+        "drift_alpha": drift_alpha,
     }  # fmt: skip
     try:
         settings = ServeSettings.model_validate({k: v for k, v in values.items() if v is not None})
