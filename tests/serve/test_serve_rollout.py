@@ -390,3 +390,40 @@ def test_rollout_cli_over_http(monkeypatch):
         monkeypatch.setenv("VISIONFLOW_API_KEY", USER)
         assert "403" in run("show", "m", code=10)
         assert "split" in run("split", "m", "1=x", code=2)
+
+
+def test_shadow_copies_are_dropped_when_the_candidate_lags():
+    from visionflow.serve.metrics import ServeMetrics
+    from visionflow.serve.rollout import RolloutManager
+    from visionflow.serve.runtime import PredictionEvent
+
+    gate = threading.Event()
+    source = Versions({1: FakeModel(), 2: FakeModel(gate=gate)})
+    source.bind(settings(), ServeMetrics())
+    source.start()
+    manager = RolloutManager(shadow_queue=2)
+    manager.bind(source, ServeMetrics())
+    manager.set_policy("m", RolloutPolicy(mode="shadow", shadow={"candidate": "2"}))
+    pixels = np.zeros((1, 4, 4, 3), np.uint8)
+    event = PredictionEvent(
+        model="m", version=1, request_id="r", endpoint="v1.predict", classes=["blue", "red"],
+        labels=["blue"], probabilities=np.array([[0.9, 0.1]]), features=np.zeros((1, 2)),
+        pixels=pixels, latency_s=0.01, timestamp=time.time(),
+    )  # fmt: skip
+    try:
+        started = time.perf_counter()
+        for _ in range(10):
+            manager.after_predict(event)
+        assert time.perf_counter() - started < 0.5  # never waits for the candidate
+        gate.set()
+        entry = source.entry("m")
+        deadline = time.monotonic() + 10
+        while manager.status("m", entry)["shadow"]["compared_images"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        shadow = manager.status("m", entry)["shadow"]
+        assert shadow["sent"] + shadow["dropped"] == 10 and shadow["dropped"] >= 7
+    finally:
+        gate.set()
+        manager.stop()
+        source.stop()

@@ -295,7 +295,14 @@ def create_app(
             CORSMiddleware,
             allow_origins=list(settings.cors),
             allow_methods=["GET", "POST"],
-            allow_headers=["authorization", "x-api-key", "content-type", "x-request-id"],
+            # x-client-id: the rollouts' default sticky header
+            allow_headers=[
+                "authorization",
+                "x-api-key",
+                "content-type",
+                "x-request-id",
+                "x-client-id",
+            ],
             expose_headers=["x-request-id", "x-model-version"],
         )
     app.add_middleware(RolloutObserver, manager=rollout)  # inside the gateway

@@ -221,7 +221,11 @@ class _Window:
 
     def recent(self, window_s: float) -> tuple[int, int, list[float]]:
         since = time.monotonic() - window_s
-        rows = [r for r in list(self.items) if r[0] >= since]
+        rows = []
+        for row in reversed(self.items):  # newest first: stop at the window's start
+            if row[0] < since:
+                break
+            rows.append(row)
         return len(rows), sum(r[1] for r in rows), [r[2] for r in rows]
 
 
@@ -544,13 +548,16 @@ class RolloutManager(PredictionHook):
         production = self._resolve(event.model, shadow.production)
         if candidate is None or event.version != production or candidate == production:
             return
-        stats = self._stats.setdefault(event.model, _ModelStats()).shadow
         self._ensure_worker()
         try:
             self._shadow_queue.put_nowait((event, candidate))
-            stats.sent += 1
-        except queue.Full:
-            stats.dropped += 1
+            sent = True
+        except queue.Full:  # the candidate is behind: drop the copy, never wait
+            sent = False
+        with self._lock:
+            stats = self._stats.setdefault(event.model, _ModelStats()).shadow
+            stats.sent += int(sent)
+            stats.dropped += int(not sent)
 
     def _ensure_worker(self) -> None:
         if self._worker is not None and self._worker.is_alive():
@@ -572,7 +579,8 @@ class RolloutManager(PredictionHook):
                 self._shadow_one(event, version)
             except Exception:
                 log.exception("shadow copy to %s version %s failed", event.model, version)
-                self._stats.setdefault(event.model, _ModelStats()).shadow.failed += 1
+                with self._lock:
+                    self._stats.setdefault(event.model, _ModelStats()).shadow.failed += 1
 
     def _shadow_one(self, event: PredictionEvent, version: int) -> None:
         source = self.source
@@ -586,15 +594,16 @@ class RolloutManager(PredictionHook):
             try:
                 future = lm.batcher.submit(event.pixels)
             except QueueFull:
-                stats.dropped += 1  # the candidate is saturated: never queue behind it
+                with self._lock:  # the candidate is saturated: never queue behind it
+                    stats.dropped += 1
                 return
             result = future.result(timeout=self._timeout_s)
             classes = lm.classes
         finally:
             lm.release()
-        stats.latency.append(time.perf_counter() - started)
         labels = [classes[int(i)] for i in result.probabilities.argmax(axis=1)]
         with self._lock:
+            stats.latency.append(time.perf_counter() - started)
             stats.images += len(labels)
             stats.agreed += sum(a == b for a, b in zip(labels, event.labels, strict=False))
             agreement = stats.agreed / stats.images if stats.images else None
