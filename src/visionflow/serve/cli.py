@@ -26,6 +26,12 @@ def serve(
         typer.Option(help="Serve every model of this registry (its production alias)."),
     ] = None,
     db: Annotated[str | None, typer.Option(help="Database URL of the registry.")] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for state kept across restarts (rollout policies) [the registry's]."
+        ),
+    ] = None,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
     threads: Annotated[
@@ -118,6 +124,7 @@ def serve(
         "max_body_mb": max_body_mb, "max_pixels": max_pixels, "timeout_s": timeout_s,
         "cors": cors or [], "poll_s": poll_s, "bundle": bundle, "name": name,
         "registry": registry, "db": db, "threads": threads, "ort_threads": ort_threads,
+        "state_dir": state_dir,
         "feedback": feedback, "feedback_new_labels": feedback_new_labels, "drift": drift,
         "drift_window": drift_window, "drift_min_samples": drift_min_samples,
         "drift_alpha": drift_alpha,
