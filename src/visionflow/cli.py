@@ -1,7 +1,8 @@
 """The ``visionflow`` command line: each command is a few lines over the library.
 
 Exit codes: 0 success, 1 unexpected error, 2 bad settings, 3 data problem, 4 weights problem,
-5 run/checkpoint problem, 6 missing optional dependency, 130 interrupted (resume with
+5 run/checkpoint problem, 6 missing optional dependency, 7 bad bundle, 8 export failed,
+9 registry refused, 10 server unreachable or refused (``rollout``), 130 interrupted (resume with
 ``--resume``). ``predict`` exits 3 when some inputs could not be read (the rest are printed).
 """
 
@@ -353,7 +354,7 @@ def _pct(v: float | None) -> str:
 @app.command()
 @_handle_errors
 def predict(
-    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    run: Annotated[Path, typer.Argument(help="A run directory or a model bundle (.vfb).")],
     images: Annotated[list[Path], typer.Argument(help="Images or folders (searched recursively).")],
     fmt: Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")] = (
         OutputFormat.table
@@ -362,9 +363,10 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda...")] = "auto",
 ) -> None:
-    """Predict the class of images with a trained run."""
-    from visionflow.api import expand_inputs, load
+    """Predict the class of images with a trained run or an exported bundle (ONNX Runtime)."""
+    from visionflow import load
     from visionflow.errors import ImageDecodeError
+    from visionflow.prediction import expand_inputs
 
     model = load(run, device=device)
     paths = expand_inputs(images)
@@ -413,13 +415,13 @@ def predict(
 @app.command()
 @_handle_errors
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="A run directory.")],
-    data: Annotated[Path, typer.Argument(help="A labelled dataset with the run's classes.")],
+    run: Annotated[Path, typer.Argument(help="A run directory or a model bundle (.vfb).")],
+    data: Annotated[Path, typer.Argument(help="A labelled dataset with the model's classes.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print all metrics as JSON.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda...")] = "auto",
 ) -> None:
-    """Evaluate a trained run on another labelled dataset."""
-    from visionflow.api import load
+    """Evaluate a trained run or a bundle on another labelled dataset."""
+    from visionflow import load
 
     metrics = load(run, device=device).evaluate(data)
     if json_out:
@@ -527,6 +529,11 @@ def _register_subcommands() -> None:
     from visionflow.registry.cli import registry_app
 
     app.add_typer(registry_app, name="registry", help="Model registry: versions and aliases.")
+    from visionflow.export.cli import benchmark, distill, export
+
+    app.command()(export)
+    app.command()(benchmark)
+    app.command()(distill)
     from visionflow.serve.cli import serve
 
     app.command()(serve)
