@@ -8,7 +8,8 @@ trained on the teacher run's training split with Hinton et al.'s loss
 
     ``alpha * T**2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(labels)``
 
-and the epoch with the best validation accuracy is kept (ties: lower validation loss). The split
+and the epoch with the best validation accuracy is kept (ties: lower validation loss; the
+linear-probe start only when it is strictly better, as training keeps its probe). The split
 is the teacher's (``index.json`` and ``split.json`` are copied), so the test images stay held out
 for both models and their figures compare like with like.
 
@@ -99,8 +100,8 @@ class DistillResult:
             how latency was measured, the settings.
         markdown: The content of ``distill.md``.
         history: One record per epoch.
-        best_epoch: The epoch kept (from 0); ``None`` when the budget ran out before the
-            first epoch ended and the student is its linear-probe initialisation.
+        best_epoch: The epoch kept (from 0); ``None`` when the student is its linear-probe
+            start (no epoch fitted in the budget, or the probe was better on validation).
         stopped: Why training ended: ``epochs``, ``early_stopping`` or ``budget``.
         seconds: Wall-clock time of the whole call.
     """
@@ -501,6 +502,7 @@ def distill_run(
     # ------------------------------------------------------------------ head
     phases: list[dict[str, Any]] = []
     probe_state: dict[str, torch.Tensor] | None = None
+    probe_acc = 0.0
     if pretrained:
         # LP-FT, as in training: a random head would send large, noisy gradients into the
         # pretrained backbone in the first steps; a linear probe on its frozen features does not
@@ -522,6 +524,7 @@ def distill_run(
             }
         )
         probe_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        probe_acc = probe.val_accuracy or 0.0
         say(f"student head from a linear probe: val accuracy {_pct(probe.val_accuracy)}")
     if freeze_bn is None:
         freeze_bn = pretrained
@@ -641,12 +644,16 @@ def distill_run(
         if patience is not None and bad_epochs >= patience:
             stopped = "early_stopping"
             break
-    if best_state is not None and best_epoch is not None:
-        kept = f"epoch {best_epoch + 1} (val accuracy {_pct(history[best_epoch]['val_accuracy'])})"
-    elif probe_state is not None:
-        # like training, which keeps its probe when no fine-tune epoch fits
-        best_state, kept = probe_state, "its linear probe (no distillation epoch fitted)"
-        say(f"[warning] the budget ran out before the first epoch; the student is {kept}")
+    best_acc = history[best_epoch]["val_accuracy"] if best_epoch is not None else None
+    # like training, which keeps its probe when it beats the fine-tune on validation (or no
+    # fine-tune epoch fitted); a tie goes to the distilled student
+    if probe_state is not None and (best_acc is None or probe_acc > best_acc):
+        why = "no distillation epoch fitted" if best_acc is None else "better on validation"
+        best_state, best_epoch = probe_state, None
+        kept = f"its linear probe ({why}: val accuracy {_pct(probe_acc)})"
+        say(f"[warning] the student is {kept}; a larger budget lets distillation catch up")
+    elif best_state is not None and best_epoch is not None:
+        kept = f"epoch {best_epoch + 1} (val accuracy {_pct(best_acc)})"
     else:
         raise BudgetError(
             f"the budget ({budget}) ran out before the student trained on a single batch "
@@ -919,6 +926,10 @@ def _onnx_row(bundle: Path, repeats: int) -> tuple[float, float]:
     return rows[0].size_mb, rows[0].p50_ms
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
 def _num(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
@@ -969,7 +980,7 @@ def comparison_markdown(comparison: dict[str, Any]) -> str:
         "Accuracy: each model's own evaluation preprocessing, on the teacher's split.",
         "",
         f"Settings: temperature {comparison['settings']['temperature']}, alpha "
-        f"{comparison['settings']['alpha']}, {comparison['training']['epochs']} epochs; kept "
+        f"{comparison['settings']['alpha']}, {_epochs(comparison['training']['epochs'])}; kept "
         f"{comparison['training']['kept']}, stopped: {comparison['training']['stopped']}.",
     ]
     return "\n".join(lines) + "\n"
