@@ -39,7 +39,7 @@ from visionflow.data.preprocess import Preprocessing
 from visionflow.data.readers import read_dataset
 from visionflow.data.split import load_split, stratified_split
 from visionflow.data.transforms import eval_transform, train_transform
-from visionflow.errors import CheckpointError, DataError
+from visionflow.errors import BudgetError, CheckpointError, DataError
 from visionflow.evaluate.metrics import classification_metrics, reliability_bins
 from visionflow.evaluate.overfit import diagnose
 from visionflow.evaluate.plots import (
@@ -61,7 +61,15 @@ from visionflow.train.device import configure_threads, cpu_count, select_device
 from visionflow.train.engine import Engine, FitConfig, seed_everything
 from visionflow.train.probe import ProbeResult, fit_linear_probe
 
-__all__ = ["Prepared", "RunResult", "TrialOutcome", "prepare_data", "run_trial", "train_classifier"]
+__all__ = [
+    "Prepared",
+    "RunResult",
+    "TrialOutcome",
+    "WarmStart",
+    "prepare_data",
+    "run_trial",
+    "train_classifier",
+]
 
 # Fixed costs kept in reserve at the end of the budget: final evaluation, plots, report.
 _RESERVE_SECONDS = 8.0
@@ -162,6 +170,11 @@ class TrialOutcome:
     seconds: float
     pruned: bool
     note: str | None = None
+    #: Validation loss of the part that gave ``value`` (ties on a small validation split).
+    val_loss: float | None = None
+    #: The fine-tuned weights, saved when the trial's fine-tune gave its value and
+    #: ``keep_weights`` asked for them (the refit continues from them).
+    weights: Path | None = None
 
     def info(self) -> dict[str, Any]:
         return {
@@ -172,8 +185,26 @@ class TrialOutcome:
             "epochs": self.epochs,
             "train_images": self.train_images,
             "seconds": round(self.seconds, 3),
+            **({"val_loss": self.val_loss} if self.val_loss is not None else {}),
+            **({"weights": str(self.weights)} if self.weights is not None else {}),
             **({"note": self.note} if self.note else {}),
         }
+
+
+@dataclass
+class WarmStart:
+    """Fine-tuned weights a refit starts from instead of the pretrained backbone: those of the
+    search trial with the same settings, so its epochs are not paid twice.
+
+    The refit keeps these weights as they are when its own fine-tune does not beat
+    ``val_accuracy`` on validation (the same split the trial was scored on).
+    """
+
+    path: Path
+    val_accuracy: float
+    val_loss: float | None = None
+    epochs: int = 0
+    trial: int | None = None
 
 
 class _ElapsedSaver(Callback):
@@ -245,6 +276,8 @@ class _Pipeline:
         #: A search trial: no checkpoints, no final evaluation to reserve time for.
         self.trial = False
         self.reserve = _RESERVE_SECONDS
+        #: A refit: the fine-tune starts from the best search trial's weights.
+        self.warm_start: WarmStart | None = None
 
     # ----------------------------------------------------------------- data
     def load_data(self, data: Path, resume: bool, prepared: Prepared | None = None) -> None:
@@ -470,6 +503,7 @@ class _Pipeline:
             if onnx is not None:
                 outs, tgts = [], []
                 for images, target in loader:
+                    self._check_trial_time()
                     outs.append(onnx(images))
                     tgts.append(torch.as_tensor(target))
                     step(len(images))
@@ -478,7 +512,12 @@ class _Pipeline:
             else:
                 fit = FitConfig(channels_last=self.config.channels_last, amp=self.config.amp)
                 extractor = TaskModel(self.backbone, nn.Identity())
-                feats, targets = self._engine(extractor, fit).predict(loader, on_batch=step)
+
+                def on_batch(n: int) -> None:
+                    self._check_trial_time()
+                    step(n)
+
+                feats, targets = self._engine(extractor, fit).predict(loader, on_batch=on_batch)
         path.parent.mkdir(parents=True, exist_ok=True)
         from safetensors.torch import save_file
 
@@ -487,6 +526,12 @@ class _Pipeline:
         save_file({"features": feats.contiguous(), "targets": targets.contiguous()}, str(tmp))
         os.replace(tmp, path)
         return feats, targets
+
+    def _check_trial_time(self) -> None:
+        """A search trial stops its feature pass when its time is up (a run's own probe does
+        not: the refit needs it); the partial features are not cached."""
+        if self.trial and self.deadline.expired():
+            raise BudgetError("the trial's time ran out while extracting features")
 
     def _onnx_extractor(self) -> OnnxFeatureExtractor | None:
         """The frozen backbone on ONNX Runtime (CPU only; tried once per run, else None)."""
@@ -641,6 +686,9 @@ class _Pipeline:
             self.history = list(read_json(self.run.path("history.json")))
             self.phases.append(state["finetune_summary"])
             return model, state["finetune_summary"]
+        warm = self.warm_start
+        if warm is not None:
+            load_weights(warm.path, model)
         if resume and "finetune_epochs" in state:
             epochs = int(state["finetune_epochs"])
         else:
@@ -652,6 +700,19 @@ class _Pipeline:
             self.augment_policy = "light" if epochs < 20 else "medium"
             train_loader = self.loader("train", augment=True)
         if epochs < 1:
+            if warm is not None:
+                _log(self.console, "no time to continue the search trial's fine-tune; kept it")
+                summary: dict[str, Any] = {
+                    "name": "fine-tune",
+                    "seconds": 0.0,
+                    "epochs": 0,
+                    "best_epoch": None,
+                    "val_accuracy": warm.val_accuracy,
+                    "val_loss": warm.val_loss,
+                    "warm_start": _warm_json_of(warm, kept=True),
+                }
+                self.phases.append(summary)
+                return model, summary
             _log(self.console, "[yellow]budget too small for fine-tuning; keeping the probe[/]")
             return model, None
         t0 = time.monotonic()
@@ -685,9 +746,27 @@ class _Pipeline:
             "lr": engine.config.lr,
             "backbone_lr": engine.config.backbone_lr,
         }
+        if warm is not None:
+            acc, loss = result.best_metric, summary["val_loss"]
+            worse = acc is None or acc < warm.val_accuracy
+            if acc == warm.val_accuracy and loss is not None and warm.val_loss is not None:
+                worse = loss > warm.val_loss
+            if worse:  # continuing did not help: the trial's weights are the fine-tune
+                load_weights(warm.path, model)
+                summary.update(val_accuracy=warm.val_accuracy, val_loss=warm.val_loss)
+            summary["warm_start"] = _warm_json_of(warm, kept=worse)
         self.phases.append(summary)
         self.run.update_state(finetune_summary=summary)
         return model, summary
+
+
+def _warm_json_of(warm: WarmStart, kept: bool) -> dict[str, Any]:
+    return {
+        "trial": warm.trial,
+        "epochs": warm.epochs,
+        "val_accuracy": warm.val_accuracy,
+        "kept_as_is": kept,
+    }
 
 
 def _mix_state(
@@ -716,6 +795,7 @@ def train_classifier(
     on_stage: Callable[[str], None] | None = None,
     prepared: Prepared | None = None,
     report_sections: Callable[[], list[ReportSection]] | None = None,
+    warm_start: WarmStart | None = None,
 ) -> RunResult:
     """Train, select and evaluate a classifier; everything lands in ``run_dir``.
 
@@ -728,6 +808,8 @@ def train_classifier(
         progress: Show progress bars (default: when ``console`` is a terminal).
         prepared: An already checked and split dataset (a search's refit): no checks again.
         report_sections: Called when the report is written; its sections are appended.
+        warm_start: Fine-tuned weights (a search trial's) the fine-tune continues from; they
+            are kept as they are when continuing does not improve validation accuracy.
     """
     started = time.monotonic()
     run = _Run(Path(run_dir))
@@ -753,6 +835,7 @@ def train_classifier(
         progress = bool(console is not None and console.is_terminal)
     seed_everything(config.seed)
     pipe = _Pipeline(config, run, deadline, console, progress)
+    pipe.warm_start = warm_start
     if not resume:
         run.update_state(stage="started", data=str(data.resolve()), elapsed=0.0, created_at=_now())
 
@@ -904,13 +987,20 @@ def prepare_data(
 
 
 class _EpochReporter(Callback):
-    """Sends each epoch's validation accuracy to ``on_epoch``; stops the fit when it says so."""
+    """Sends the fine-tune's best validation accuracy so far to ``on_epoch`` after every epoch;
+    stops the fit when it says so.
+
+    The best so far, not the epoch's own: the fit keeps its best epoch, so that is what the
+    trial would score if it stopped now, and one noisy epoch (LP-FT curves on small data dip
+    and recover) does not get a trial pruned for a score it will not end with.
+    """
 
     def __init__(self, on_epoch: Callable[[int, float], bool] | None) -> None:
         self.on_epoch = on_epoch
         self.curve: list[list[float]] = []
         self.pruned = False
         self.images = 0
+        self.best: float | None = None
 
     def on_epoch_end(self, engine: Engine, record: dict[str, Any]) -> None:
         steps = len(self.curve) + 1
@@ -919,7 +1009,8 @@ class _EpochReporter(Callback):
         if acc is None:
             return
         self.curve.append([float(steps), float(acc)])
-        if self.on_epoch is not None and self.on_epoch(steps, float(acc)):
+        self.best = float(acc) if self.best is None else max(self.best, float(acc))
+        if self.on_epoch is not None and self.on_epoch(steps, self.best):
             self.pruned = True
             raise StopTraining("pruned")
 
@@ -931,14 +1022,19 @@ def run_trial(
     trial_dir: str | Path,
     deadline: Deadline,
     on_epoch: Callable[[int, float], bool] | None = None,
+    keep_weights: Callable[[float], bool] | None = None,
 ) -> TrialOutcome:
     """One search trial: the recipe's probe and/or fine-tune on the shared split, scored on
     validation only (no checkpoints, no test evaluation, no report).
 
-    ``on_epoch(epoch, val_accuracy)`` is called after every fine-tune epoch (from 1); when it
-    returns True the fine-tune stops and the outcome is marked ``pruned``. ``config.strategy``
-    ``auto`` runs like ``lpft``. The value is the better of the probe's and the fine-tune's
-    validation accuracy (what the refit, which keeps the better of the two, would get).
+    ``on_epoch(epoch, val_accuracy)`` is called after every fine-tune epoch (from 1) with the
+    best validation accuracy of the fine-tune so far; when it returns True the fine-tune stops
+    and the outcome is marked ``pruned``. ``keep_weights(value)`` is asked, when the fine-tune
+    gave the trial's value, whether to save its weights as ``model.safetensors`` in
+    ``trial_dir`` (the search keeps those of its best trial for the refit to continue).
+    ``config.strategy`` ``auto`` runs like ``lpft``. The value is the better of the probe's
+    and the fine-tune's validation accuracy (what the refit, which keeps the better of the
+    two, would get).
     """
     t0 = time.monotonic()
     run = _Run(Path(trial_dir))
@@ -954,8 +1050,9 @@ def run_trial(
     reporter = _EpochReporter(on_epoch)
     summary: dict[str, Any] | None = None
     note = None
+    model: TaskModel | None = None
     if strategy in {"lpft", "finetune"}:
-        _, summary = pipe.finetune(probe, [reporter], resume=False)
+        model, summary = pipe.finetune(probe, [reporter], resume=False)
         if summary is None:
             note = "no fine-tune epoch fitted in the trial's time"
     probe_val = probe.val_accuracy if probe is not None else None
@@ -964,6 +1061,19 @@ def run_trial(
     # a fine-tune trial whose fine-tune never ran would be a probe scored under fine-tune
     # parameters that had no effect: the sampler must not learn from it
     value = max(scores) if scores and (strategy == "probe" or ft_val is not None) else None
+    from_ft = ft_val is not None and value == ft_val and (probe_val is None or ft_val > probe_val)
+    val_loss = (summary or {}).get("val_loss") if from_ft else getattr(probe, "val_loss", None)
+    weights = None
+    if (
+        from_ft
+        and model is not None
+        and value is not None
+        and not reporter.pruned
+        and keep_weights is not None
+        and keep_weights(value)
+    ):
+        weights = run.path("model.safetensors")
+        save_weights(weights, model)
     return TrialOutcome(
         value=value,
         strategy=strategy,
@@ -975,6 +1085,8 @@ def run_trial(
         seconds=time.monotonic() - t0,
         pruned=reporter.pruned,
         note=note,
+        val_loss=None if val_loss is None else float(val_loss),
+        weights=weights,
     )
 
 
