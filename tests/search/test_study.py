@@ -228,3 +228,17 @@ def test_bad_pruner_and_direction(tmp_path):
         Study.open("x", run_dir=tmp_path, space=small_space(), pruner="asha")
     with pytest.raises(ConfigError, match="direction"):
         Study.open("x", run_dir=tmp_path, space=small_space(), direction="up")
+
+
+def test_equal_values_are_ranked_by_the_recorded_validation_loss(tmp_path):
+    study = Study.open("ties", run_dir=tmp_path, space=small_space(), pruner="none")
+    for value, loss in ((0.9, 0.1), (1.0, 0.4), (1.0, None), (1.0, 0.2)):
+        handle = study.ask()
+        if loss is not None:
+            handle.set_info("val_loss", loss)
+        study.tell(handle, value)
+    board = study.leaderboard()
+    # 100% three times: the lowest loss first, a trial without a loss after those with one
+    assert [r["number"] for r in board] == [3, 1, 2, 0]
+    best = study.best()
+    assert best is not None and best["number"] == 3
