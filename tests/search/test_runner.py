@@ -18,7 +18,18 @@ from visionflow.cli import _parse_params
 from visionflow.config import SearchConfig, TrainConfig, load_search_config
 from visionflow.errors import ConfigError, WeightsError
 from visionflow.search import Fixed, SearchSpace, Study
-from visionflow.search.runner import _queued_trials, build_space, run_worker, search_classifier
+from visionflow.search.runner import (
+    _RUN_ATTR,
+    _expected_seconds,
+    _Objective,
+    _queued_trials,
+    _warm_start,
+    _work,
+    build_space,
+    run_worker,
+    search_classifier,
+)
+from visionflow.train.recipe import prepare_data
 
 TINY = TrainConfig(
     backbone="test_efficientnet",
@@ -127,9 +138,9 @@ def test_search_then_refit(image_folder, tmp_path):
     assert "leaderboard" in report.lower()
     for png in ("search_history.png", "search_importance.png", "search_curves.png"):
         assert (run_dir / png).stat().st_size > 0
-    # trials never evaluate on the test split: only the refit's metrics have one
-    trial_files = {p.name for p in (run_dir / "trials").rglob("*.json")}
-    assert "metrics.json" not in trial_files
+    # what only the search needed is gone once the run is done (trials never evaluate on
+    # the test split: tests/train/test_trial.py)
+    assert not (run_dir / "trials").exists() and not (run_dir / "features").exists()
     model = visionflow.load(run_dir)
     assert model.classes == ["blue", "green", "red"]
     state = json.loads((run_dir / "search.json").read_text())
@@ -207,3 +218,94 @@ def test_interrupted_train_resumes_the_study(image_folder, tmp_path):
     assert len(numbers) == len(set(numbers))
     assert len(rows) >= finished_before + 1, "the study went on, it did not start over"
     assert counts["failed"] <= 1  # the trial the kill interrupted, if any, is failed once
+
+
+def _row(number, strategy, seconds, state="complete", **params):
+    return {
+        "number": number,
+        "state": state,
+        "value": 0.5,
+        "params": {"strategy": strategy, **params},
+        "duration_s": seconds,
+        "info": {},
+    }
+
+
+def test_expected_trial_seconds_come_from_finished_trials_of_the_same_kind():
+    rows = [
+        _row(0, "probe", 40.0, backbone="a", img_size=224),  # paid for its features
+        _row(1, "probe", 20.0, backbone="a", img_size=128),
+        _row(2, "probe", 3.0, backbone="a", img_size=224),  # cached features
+        _row(3, "lpft", 50.0, backbone="a", img_size=224),
+        _row(4, "lpft", 10.0, state="pruned", backbone="a", img_size=224),
+        _row(5, "lpft", 90.0, backbone="a", img_size=224),
+        _row(6, "finetune", 500.0, state="failed", backbone="a", img_size=224),
+    ]
+    probe = {"strategy": "probe", "backbone": "a"}
+    assert _expected_seconds(rows, {**probe, "img_size": 224}) == 3.0  # features cached
+    assert _expected_seconds(rows, {**probe, "img_size": 160}) == 30.0  # median of 40 and 20
+    assert _expected_seconds(rows, {"strategy": "lpft", "backbone": "b"}) == 50.0
+    assert _expected_seconds(rows, {"strategy": "finetune"}) is None  # only a failed one
+
+
+def test_warm_start_only_from_a_fine_tune_that_gave_the_value_and_kept_weights(tmp_path):
+    weights = tmp_path / "trials" / "0007" / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"x")
+    info = {"weights": str(weights), "finetune_val": 0.9, "val_loss": 0.3, "epochs": 4}
+    best = {"number": 7, "value": 0.9, "info": info, "params": {"strategy": "lpft"}}
+    warm = _warm_start(best, tmp_path)
+    assert warm is not None
+    assert (warm.path, warm.val_accuracy, warm.val_loss, warm.epochs, warm.trial) == (
+        weights, 0.9, 0.3, 4, 7
+    )  # fmt: skip
+    assert _warm_start({**best, "value": 0.95}, tmp_path) is None  # the probe scored higher
+    assert _warm_start({**best, "info": {**info, "weights": None}}, tmp_path) is None
+    assert _warm_start({**best, "number": 8}, tmp_path) is None  # no file
+    assert _warm_start(None, tmp_path) is None
+
+
+def _study_with_run(tmp_path, image_folder, search_end):
+    run_dir = tmp_path / "run"
+    prepare_data(image_folder, TINY, run_dir=run_dir)
+    space = SearchSpace.from_overrides(SearchSpace.default(), {"backbone": "test_efficientnet"})
+    study = Study.open("s", run_dir=run_dir, space=space, pruner="none")
+    study.set_attr(_RUN_ATTR, {"search_end": search_end, "trial_seconds": None, "max_trials": 3})
+    return study, _Objective(study, run_dir, TINY)
+
+
+def test_search_with_a_deadline_stops_at_full_validation_accuracy(tmp_path, image_folder):
+    study, objective = _study_with_run(tmp_path, image_folder, time.time() + 3600)
+    handle = study.ask()
+    study.tell(handle, 1.0)
+    assert _work(study, objective) == 0, "nothing is left to find: the refit gets the time"
+    assert study.counts()["complete"] == 1
+
+
+def test_a_trial_that_would_overrun_the_search_is_not_started(tmp_path, image_folder, monkeypatch):
+    import visionflow.search.runner as runner
+
+    study, objective = _study_with_run(tmp_path, image_folder, time.time() + 3600)
+    monkeypatch.setattr(runner, "_expected_seconds", lambda rows, params: 10_000.0)
+    assert _work(study, objective) == 1
+    assert objective.out_of_time
+    (row,) = study.leaderboard()
+    assert row["state"] == "failed"
+    assert row["info"]["note"].startswith("not started")
+    assert "not started" in row["info"]["error"]
+
+
+def test_a_fine_tune_trial_too_short_to_say_much_is_not_started():
+    from visionflow.search.runner import _not_started_reason
+
+    lpft = _row(3, "lpft", 54.0, backbone="a", img_size=224)
+    lpft["info"] = {"epochs": 4}  # 13.5 s an epoch, its probe included
+    rows = [_row(0, "probe", 8.0, backbone="a", img_size=224), lpft]
+    params = {"strategy": "finetune", "backbone": "a", "img_size": 224}
+    why = _not_started_reason(rows, params, left=200.0, cap=54.0)
+    assert why is not None and "fewer than 5" in why
+    assert _not_started_reason(rows, params, left=200.0, cap=80.0) is None  # 5.9 epochs fit
+    assert _not_started_reason(rows, params, left=60.0, cap=None) is not None
+    probe = {"strategy": "probe", "backbone": "a", "img_size": 224}
+    assert _not_started_reason(rows, probe, left=10.0, cap=54.0) is None  # cached: ~8 s
+    assert "takes about 8 s" in str(_not_started_reason(rows, probe, left=5.0, cap=54.0))

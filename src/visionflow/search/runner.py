@@ -11,9 +11,13 @@ Timeline of a run with budget ``B`` (``SearchConfig.refit_fraction`` = ``r``)::
   trials report their validation accuracy every epoch and the pruner (Hyperband by default)
   stops the hopeless ones. One trial may take at most ``trial_fraction`` of the search phase.
   A trial is scored on validation only; the test split is never looked at before the refit.
+  The search phase ends early, its time going to the refit, at 100% validation accuracy or
+  when the sampled trial would not end in time (:func:`_not_started_reason`).
 * **Refit**: the best configuration runs through the full recipe (probe, LP-FT, weight
   ensemble, the better of probe and fine-tune kept) with the rest of the budget, writing the
-  model, metrics and report into the run folder like a single run.
+  model, metrics and report into the run folder like a single run. A best trial whose score
+  came from its fine-tune saved its weights; the refit continues from them.
+* **Clean-up**: once done, ``trials/`` and the run's own ``features/`` cache are deleted.
 * **Storage**: an Optuna journal file in the run folder by default; a database URL lets workers
   on other machines (``visionflow worker``) join. Re-running the same command with the same run
   name continues the study and the budget where they were.
@@ -29,14 +33,16 @@ import contextlib
 import math
 import multiprocessing
 import os
+import shutil
 import socket
+import statistics
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.live import Live
@@ -59,18 +65,29 @@ from visionflow.search.space import (
 from visionflow.search.study import Study, TrialHandle, TrialPruned, mask_url
 from visionflow.train.budget import Deadline, format_seconds
 
+if TYPE_CHECKING:
+    from visionflow.train.recipe import WarmStart
+
 __all__ = ["SearchResult", "build_space", "run_worker", "search_classifier"]
 
 _STATE = "search.json"
 _RUN_ATTR = "visionflow.run"
 #: A trial is not started with less search time left than this (a cached probe takes ~3 s).
 _MIN_TRIAL_SECONDS = 5.0
+#: A fine-tune trial is not started when its time fits fewer epochs than this: a shorter one
+#: says little about where the fine-tune ends (measured, BENCHMARKS.md: an LP-FT at 76.7% on
+#: validation after 3 epochs, 93.3% at epoch 10), and its time is worth more to the refit.
+_MIN_USEFUL_EPOCHS = 5
 #: Environment variable read when no storage is given (keeps passwords off command lines).
 STORAGE_ENV = "VISIONFLOW_STORAGE"
 
 
 class _TrialFailed(VisionflowError):
     """A trial that produced no score (e.g. no fine-tune epoch fitted in its time)."""
+
+
+class _TrialNotStarted(_TrialFailed):
+    """The sampled trial would not end before the search deadline; the worker stops."""
 
 
 @dataclass
@@ -254,6 +271,77 @@ def _trial_config(base: TrainConfig, params: dict[str, Any], run_dir: Path) -> T
 
 
 # ---------------------------------------------------------------------------- workers
+def _expected_seconds(rows: list[dict[str, Any]], params: dict[str, Any]) -> float | None:
+    """How long a trial with ``params`` should take, from the finished trials of its kind
+    (``None``: nothing to go by yet).
+
+    A probe of a backbone and image size already probed reads its features from the cache:
+    it takes as long as the quickest such probe. Any other trial takes the median of the
+    finished trials of its strategy (for probes: the first probe of each backbone and size,
+    which paid for its features).
+    """
+    done = [r for r in rows if r["state"] in ("complete", "pruned") and r["duration_s"]]
+    strategy = params.get("strategy")
+    same = [r for r in done if r["params"].get("strategy") == strategy]
+    if strategy == "probe":
+        key = (params.get("backbone"), params.get("img_size"))
+        seen = [
+            r for r in same if (r["params"].get("backbone"), r["params"].get("img_size")) == key
+        ]
+        if seen:
+            return float(min(r["duration_s"] for r in seen))
+        first: dict[tuple[Any, Any], dict[str, Any]] = {}
+        for r in sorted(same, key=lambda r: r["number"]):
+            first.setdefault((r["params"].get("backbone"), r["params"].get("img_size")), r)
+        same = list(first.values())
+    if not same:
+        return None
+    return float(statistics.median(r["duration_s"] for r in same))
+
+
+def _epoch_seconds(rows: list[dict[str, Any]], params: dict[str, Any]) -> float | None:
+    """Seconds per fine-tune epoch of a trial with ``params``, its probe's share included,
+    from the finished fine-tune trials (same backbone and image size when there are some)."""
+    done = [
+        r
+        for r in rows
+        if r["state"] in ("complete", "pruned")
+        and r["params"].get("strategy") in ("lpft", "finetune")
+        and r["duration_s"]
+        and int(r["info"].get("epochs") or 0) > 0
+    ]
+    key = (params.get("backbone"), params.get("img_size"))
+    same = [r for r in done if (r["params"].get("backbone"), r["params"].get("img_size")) == key]
+    per_epoch = [r["duration_s"] / int(r["info"]["epochs"]) for r in same or done]
+    if not per_epoch:
+        return None
+    return float(min(per_epoch) if same else statistics.median(per_epoch))
+
+
+def _not_started_reason(
+    rows: list[dict[str, Any]], params: dict[str, Any], left: float, cap: float | None
+) -> str | None:
+    """Why a trial with ``params`` should not start with ``left`` seconds of search time and
+    a per-trial cap ``cap`` (``None``: start it)."""
+    expected = _expected_seconds(rows, params)
+    if expected is not None and cap is not None:
+        expected = min(expected, cap)  # a trial is stopped at its cap anyway
+    if expected is not None and expected > left:
+        return (
+            f"not started: a trial like this takes about {expected:.0f} s, "
+            f"{max(0.0, left):.0f} s of search time were left"
+        )
+    if params.get("strategy") in ("lpft", "finetune"):
+        epoch = _epoch_seconds(rows, params)
+        room = min(left, cap if cap is not None else math.inf)
+        if epoch is not None and room < _MIN_USEFUL_EPOCHS * epoch:
+            return (
+                f"not started: {room:.0f} s fit {room / epoch:.1f} fine-tune epochs of about "
+                f"{epoch:.0f} s, fewer than {_MIN_USEFUL_EPOCHS}; the time goes to the refit"
+            )
+    return None
+
+
 class _Objective:
     """Runs one trial from the study's recorded run description."""
 
@@ -264,6 +352,8 @@ class _Objective:
         self.run_dir = run_dir
         self.base = base
         self.prepared = Prepared.from_run(run_dir)
+        #: Set when a sampled trial did not fit in the search time left: the worker stops.
+        self.out_of_time = False
 
     def __call__(self, handle: TrialHandle) -> float:
         from visionflow.train.recipe import run_trial
@@ -275,6 +365,17 @@ class _Objective:
         left = math.inf if end is None else end - time.time()
         seconds = min(cap if cap is not None else math.inf, left)
         config = _trial_config(self.base, handle.params, self.run_dir)
+        rows = self.study.leaderboard()
+        why = _not_started_reason(rows, handle.params, left, cap)
+        if why is not None:
+            self.out_of_time = True
+            handle.set_info("note", why)
+            raise _TrialNotStarted(why)
+        best = next((r for r in rows if r["state"] == "complete"), None)
+
+        def keep_weights(value: float) -> bool:
+            # the best so far (a tie too: the leaderboard may rank it first on loss)
+            return best is None or best["value"] is None or value >= best["value"]
 
         def on_epoch(step: int, value: float) -> bool:
             handle.report(value, step)
@@ -286,6 +387,7 @@ class _Objective:
             trial_dir=self.run_dir / "trials" / f"{handle.number:04d}",
             deadline=Deadline(None if math.isinf(seconds) else max(1.0, seconds)),
             on_epoch=on_epoch,
+            keep_weights=keep_weights,
         )
         for key, value in outcome.info().items():
             handle.set_info(key, value)
@@ -297,12 +399,23 @@ class _Objective:
 
 
 def _work(study: Study, objective: _Objective, *, stop: threading.Event | None = None) -> int:
-    """Run trials until the search deadline, the trial limit or ``stop``; returns the count."""
+    """Run trials until the search deadline, the trial limit or ``stop``; returns the count.
+
+    With a deadline it also stops when a trial scored 100% on validation (nothing left to
+    find there: the time left goes to the refit) and when the sampled trial would not end
+    before the deadline (judged from the finished trials of its kind). Without one, the
+    trial limit is the user's number and is run out.
+    """
     done = 0
     while stop is None or not stop.is_set():
         run = study.attrs.get(_RUN_ATTR, {})
         end = run.get("search_end")
         if run.get("closed") or (end is not None and time.time() > end - _MIN_TRIAL_SECONDS):
+            break
+        if objective.out_of_time:
+            break
+        best = study.best() if end is not None else None
+        if best is not None and best["value"] is not None and best["value"] >= 1.0:
             break
         ran = study.optimize(
             objective, n_trials=1, max_trials=run.get("max_trials"), catch=(Exception,)
@@ -476,6 +589,36 @@ class _Monitor:
 
 
 # ---------------------------------------------------------------------------- the run
+def _warm_start(best: dict[str, Any] | None, run_dir: Path) -> WarmStart | None:
+    """The best trial's fine-tuned weights for the refit to continue from, when it kept them."""
+    from visionflow.train.recipe import WarmStart
+
+    if best is None:
+        return None
+    info = best["info"]
+    path = run_dir / "trials" / f"{best['number']:04d}" / "model.safetensors"
+    if not info.get("weights") or not path.is_file() or best["value"] is None:
+        return None
+    if info.get("finetune_val") is None or float(info["finetune_val"]) < float(best["value"]):
+        return None  # the probe gave the value: nothing fine-tuned to continue
+    return WarmStart(
+        path=path,
+        val_accuracy=float(best["value"]),
+        val_loss=info.get("val_loss"),
+        epochs=int(info.get("epochs") or 0),
+        trial=int(best["number"]),
+    )
+
+
+def _clean(run_dir: Path, config: TrainConfig) -> None:
+    """Delete what only the search needed once the run is done: ``trials/`` (their
+    records, the report's data included, are in the study) and the run's own feature cache
+    ``features/`` (not a ``feature_cache`` folder the user shares between runs)."""
+    shutil.rmtree(run_dir / "trials", ignore_errors=True)
+    if not config.feature_cache:
+        shutil.rmtree(run_dir / "features", ignore_errors=True)
+
+
 def _run_local_workers(
     study: Study, storage: str, run_dir: Path, workers: int, seed: int, end: float | None
 ) -> None:
@@ -689,6 +832,13 @@ def search_classifier(
         )
         return [search_report_section(rows, images, best=best, counts=counts, budget_note=note)]
 
+    warm = _warm_start(best, run_dir) if best_strategy in ("lpft", "finetune") else None
+    if warm is not None and console is not None:
+        console.print(
+            f"the refit continues trial {warm.trial}'s fine-tune ({warm.epochs} epochs, "
+            f"val accuracy {100 * warm.val_accuracy:.1f}%)",
+            highlight=False,
+        )
     refit_resume = (run_dir / "state.json").is_file()
     result = train_classifier(
         state["data"],
@@ -699,6 +849,7 @@ def search_classifier(
         progress=progress,
         prepared=prepared,
         report_sections=sections,
+        warm_start=warm,
     )
     summary = {
         "study": name,
@@ -712,12 +863,14 @@ def search_classifier(
         "dropped_backbones": dropped,
         "space": space.to_json(),
         "refit_settings": {k: v for k, v in refit_config.model_dump(mode="json").items()},
+        "warm_start": None if warm is None else {"trial": warm.trial, "epochs": warm.epochs},
     }
     metrics_path = run_dir / "metrics.json"
     metrics = dict(read_json(metrics_path))
     metrics["search"] = summary
     atomic_write_json(metrics_path, metrics)
     save(stage="done", best=best, counts=counts)
+    _clean(run_dir, config)
     return SearchResult(
         run_dir=run_dir,
         study=name,
