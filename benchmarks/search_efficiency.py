@@ -199,12 +199,20 @@ def _by_strategy(trials: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 
 
 # ---------------------------------------------------------------------------- B
-def pruning(train_dir: Path, test_dir: Path, work: Path, seed: int, trials: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"seed": seed, "trials": trials, "space": PRUNING_SPACE}
+def pruning(
+    train_dir: Path,
+    test_dir: Path,
+    work: Path,
+    seed: int,
+    trials: int,
+    epochs: tuple[int, int] = (4, 8),
+) -> dict[str, Any]:
+    space = {**PRUNING_SPACE, "epochs": {"low": epochs[0], "high": epochs[1]}}
+    out: dict[str, Any] = {"seed": seed, "trials": trials, "space": space}
     for pruner in ("hyperband", "none"):
         _log(f"B seed {seed}: {trials} trials, pruner {pruner}")
         run_dir = work / f"prune-{pruner}-seed{seed}"
-        search = SearchConfig(pruner=pruner, trials=trials, space=dict(PRUNING_SPACE))
+        search = SearchConfig(pruner=pruner, trials=trials, space=dict(space))
         load0, t0, c0 = _machine_load(), time.monotonic(), time.process_time()
         search_classifier(train_dir, _config(seed, None), search, run_dir=run_dir)
         wall, cpu = time.monotonic() - t0, time.process_time() - c0
@@ -310,6 +318,14 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=30)
     parser.add_argument("--test-per-class", type=int, default=30)
     parser.add_argument("--trials", type=int, default=12, help="part B's trials per pruner")
+    parser.add_argument(
+        "--prune-epochs",
+        type=int,
+        nargs=2,
+        default=[4, 8],
+        metavar=("LOW", "HIGH"),
+        help="part B's range of fine-tune epochs per trial",
+    )
     parser.add_argument("--only", choices=["single-vs-search", "pruning"], default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--work", type=Path, default=None, help="keep the runs here")
@@ -344,7 +360,9 @@ def main() -> None:
                 single_vs_search(train_dir, test_dir, work, seed, args.budget)
             )
         if args.only in (None, "pruning"):
-            results["pruning"].append(pruning(train_dir, test_dir, work, seed, args.trials))
+            results["pruning"].append(
+                pruning(train_dir, test_dir, work, seed, args.trials, tuple(args.prune_epochs))
+            )
         if args.out is not None:  # after every seed: a crash later keeps what was measured
             args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     if results["single_vs_search"]:
