@@ -1,4 +1,4 @@
-"""``visionflow k8s``: write Kubernetes manifests for a distributed search.
+"""``visionflow k8s``: write Kubernetes manifests for a distributed search or a model server.
 
 Registered in the main CLI with ``app.add_typer(k8s_app, name="k8s")``. Errors are reported by
 the handler every command shares (:mod:`visionflow._cli_errors`).
@@ -16,12 +16,19 @@ from rich.markup import escape
 
 from visionflow._cli_errors import err as _err
 from visionflow._cli_errors import handle_errors as _handle_errors
-from visionflow.deploy.k8s import DATA_MOUNT, DEFAULT_IMAGE, NOT_APPLIED, write_tune_manifests
+from visionflow.deploy.k8s import (
+    DATA_MOUNT,
+    DEFAULT_IMAGE,
+    DEFAULT_SERVE_NAME,
+    NOT_APPLIED,
+    write_serve_manifests,
+    write_tune_manifests,
+)
 
 __all__ = ["k8s_app"]
 
 k8s_app = typer.Typer(
-    help="Kubernetes manifests: run a distributed hyper-parameter search on a cluster.",
+    help="Kubernetes manifests: a distributed hyper-parameter search, or a model server.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -134,3 +141,81 @@ def tune(
         highlight=False,
         soft_wrap=True,
     )
+
+
+@k8s_app.command()
+@_handle_errors
+def serve(
+    image: Annotated[str, typer.Option(help="The serving image (built from Dockerfile.serve).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the manifests into.")],
+    name: Annotated[
+        str, typer.Option(help="Name of every object (lowercase, digits, '-').")
+    ] = DEFAULT_SERVE_NAME,
+    namespace: Annotated[
+        str | None, typer.Option(help="Namespace (default: kubectl's current one).")
+    ] = None,
+    replicas: Annotated[int, typer.Option(help="Initial replicas.")] = 2,
+    min_replicas: Annotated[int, typer.Option(help="Autoscaler lower bound.")] = 2,
+    max_replicas: Annotated[int, typer.Option(help="Autoscaler upper bound.")] = 10,
+    target_cpu: Annotated[
+        int, typer.Option(help="Autoscaler target: average CPU utilisation, % of the request.")
+    ] = 70,
+    registry_pvc: Annotated[
+        str | None,
+        typer.Option(help="Existing ReadWriteMany claim holding the registry (default: create)."),
+    ] = None,
+    registry_size: Annotated[str, typer.Option(help="Size of a created registry claim.")] = "10Gi",
+    storage_class: Annotated[
+        str | None, typer.Option(help="Storage class of a created claim (ReadWriteMany).")
+    ] = None,
+    db_secret: Annotated[
+        str | None,
+        typer.Option(help="Secret whose key 'url' is the registry's PostgreSQL URL."),
+    ] = None,
+    api_keys_secret: Annotated[
+        str | None, typer.Option(help="Secret whose key 'keys' is the API key file.")
+    ] = None,
+    cpu: Annotated[str, typer.Option(help="CPU request per pod (e.g. 1, 500m).")] = "1",
+    memory: Annotated[str, typer.Option(help="Memory request and limit per pod.")] = "2Gi",
+    port: Annotated[int, typer.Option(help="Container port of the server.")] = 8080,
+) -> None:
+    """Write the manifests of a model server: Deployment, Service, autoscaler, registry volume."""
+    written = write_serve_manifests(
+        out_dir,
+        image=image,
+        name=name,
+        namespace=namespace,
+        replicas=replicas,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        target_cpu=target_cpu,
+        registry_claim=registry_pvc,
+        registry_size=registry_size,
+        storage_class=storage_class,
+        db_secret=db_secret,
+        api_keys_secret=api_keys_secret,
+        cpu=cpu,
+        memory=memory,
+        port=port,
+    )
+    for path in written:
+        _out.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)
+    ns = f" -n {shlex.quote(namespace)}" if namespace else ""
+    directory = shlex.quote(str(out_dir))
+    _out.print("")
+    _out.print("next:", highlight=False)
+    _out.print(
+        f"  docker build -f {directory}/Dockerfile.serve -t {shlex.quote(image)} . && "
+        f"docker push {shlex.quote(image)}   # in the visionflow source tree",
+        highlight=False,
+        soft_wrap=True,
+    )
+    _out.print(f"  kubectl apply -k {directory}", highlight=False, soft_wrap=True)
+    _out.print(f"  kubectl rollout status{ns} deployment/{name}", highlight=False, soft_wrap=True)
+    if db_secret is None and max_replicas > 1:
+        _err.print(
+            "[yellow]note:[/] several replicas share the registry volume; give --db-secret "
+            "so that the registry database is PostgreSQL, not an SQLite file on it",
+            highlight=False,
+            soft_wrap=True,
+        )

@@ -41,10 +41,16 @@ from visionflow.train.budget import parse_budget
 __all__ = [
     "DATA_MOUNT",
     "DEFAULT_IMAGE",
+    "DEFAULT_SERVE_NAME",
     "NOT_APPLIED",
+    "REGISTRY_DB_ENV",
+    "REGISTRY_MOUNT",
     "RUNS_MOUNT",
     "dockerfile_text",
+    "serve_dockerfile_text",
+    "serve_manifests",
     "tune_manifests",
+    "write_serve_manifests",
     "write_tune_manifests",
 ]
 
@@ -855,4 +861,382 @@ def _readme(files: dict[str, list[dict[str, Any]]], out: Path, **kwargs: Any) ->
             "Running `visionflow k8s tune` again into this folder keeps the password of "
             "`secret.yaml`: PostgreSQL sets it only when its volume is first initialised.",
         ]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- serving
+
+#: Where the serving pods see the model registry and the API key file.
+REGISTRY_MOUNT = "/registry"
+SECRETS_MOUNT = "/secrets"
+DEFAULT_SERVE_NAME = "visionflow-serve"
+#: The environment variable the serving container reads the registry database URL from.
+REGISTRY_DB_ENV = "VISIONFLOW_REGISTRY_DB"
+_DB_SECRET_KEY = "url"
+_API_KEYS_SECRET_KEY = "keys"
+
+
+def serve_manifests(
+    *,
+    image: str,
+    name: str = DEFAULT_SERVE_NAME,
+    namespace: str | None = None,
+    replicas: int = 2,
+    min_replicas: int = 2,
+    max_replicas: int = 10,
+    target_cpu: int = 70,
+    registry_claim: str | None = None,
+    registry_size: str = "10Gi",
+    storage_class: str | None = None,
+    db_secret: str | None = None,
+    api_keys_secret: str | None = None,
+    cpu: str = "1",
+    memory: str = "2Gi",
+    port: int = 8080,
+) -> dict[str, list[dict[str, Any]]]:
+    """Build the manifests of a ``visionflow serve`` deployment, as ``file name -> documents``.
+
+    Args:
+        image: The serving image (built from ``Dockerfile.serve``).
+        name: Name of every object (a DNS-1123 label).
+        namespace: Namespace of every object; ``None`` leaves it to ``kubectl``'s context.
+        replicas: Initial replicas of the Deployment (between the autoscaler's bounds).
+        min_replicas: Lower bound of the HorizontalPodAutoscaler.
+        max_replicas: Upper bound of the HorizontalPodAutoscaler.
+        target_cpu: Average CPU utilisation (percent of the request) the autoscaler aims at.
+        registry_claim: An existing ReadWriteMany claim holding the registry; ``None`` creates
+            ``<name>-registry`` of ``registry_size``.
+        registry_size: Size of a created registry claim.
+        storage_class: Storage class of a created claim (must offer ReadWriteMany).
+        db_secret: A Secret whose key ``url`` is the registry's PostgreSQL URL; required in
+            practice for several replicas (an SQLite file on a shared volume is not safe).
+        api_keys_secret: A Secret whose key ``keys`` is the API key file (``--api-keys``).
+        cpu: CPU request of each pod; the autoscaler's utilisation is relative to it.
+        memory: Memory request and limit of each pod.
+        port: The container port the server listens on.
+
+    Raises:
+        ConfigError: a name, quantity, count or port is not valid; the message names the flag.
+    """
+    _check_label(name, "--name", max_len=_MAX_NAME)
+    if namespace is not None:
+        _check_label(namespace, "--namespace", max_len=63)
+    for value, flag in (
+        (registry_claim, "--registry-pvc"),
+        (storage_class, "--storage-class"),
+        (db_secret, "--db-secret"),
+        (api_keys_secret, "--api-keys-secret"),
+    ):
+        if value is not None:
+            _check_subdomain(value, flag)
+    _check_image(image)
+    for value_, flag in (
+        (replicas, "--replicas"),
+        (min_replicas, "--min-replicas"),
+        (max_replicas, "--max-replicas"),
+    ):
+        if isinstance(value_, bool) or not isinstance(value_, int) or value_ < 1:
+            raise ConfigError(f"{flag} must be an integer >= 1, got {value_!r}")
+    if min_replicas > max_replicas:
+        raise ConfigError(
+            f"--min-replicas {min_replicas} is more than --max-replicas {max_replicas}"
+        )
+    if not min_replicas <= replicas <= max_replicas:
+        raise ConfigError(
+            f"--replicas {replicas} must lie between --min-replicas {min_replicas} and "
+            f"--max-replicas {max_replicas}"
+        )
+    if (
+        isinstance(target_cpu, bool)
+        or not isinstance(target_cpu, int)
+        or not 1 <= target_cpu <= 100
+    ):
+        raise ConfigError(f"--target-cpu must be a percentage from 1 to 100, got {target_cpu!r}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1024 <= port <= 65535:
+        # a non-root process cannot bind below 1024 (all capabilities are dropped)
+        raise ConfigError(f"--port must be an integer from 1024 to 65535, got {port!r}")
+    cores = _quantity(cpu, "--cpu")
+    mem = _quantity(memory, "--memory")
+    if mem < 64 * 2**20:
+        raise ConfigError(
+            f"--memory {memory!r} is less than 64 MiB; quantities without a suffix are bytes "
+            "(did you mean e.g. '2Gi'?)"
+        )
+    _quantity(registry_size, "--registry-size")
+
+    labels = _labels(name, "server")
+    selector = {k: labels[k] for k in ("app.kubernetes.io/instance", "app.kubernetes.io/component")}
+    claim_name = registry_claim or f"{name}-registry"
+
+    def meta(obj_name: str, component: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": obj_name}
+        if namespace is not None:
+            out["namespace"] = namespace
+        out["labels"] = _labels(name, component)
+        return out
+
+    files: dict[str, list[dict[str, Any]]] = {}
+    if registry_claim is None:
+        # ReadWriteMany: every replica, on any node, mounts the same registry
+        files["registry-volume.yaml"] = [
+            _claim(meta(claim_name, "registry"), "ReadWriteMany", registry_size, storage_class)
+        ]
+
+    args = [
+        "serve",
+        "--registry",
+        REGISTRY_MOUNT,
+        "--host",
+        "0.0.0.0",  # inside the pod; the Service is what exposes it
+        "--port",
+        str(port),
+        # ONNX Runtime would otherwise size its pool from the node's cores, not the pod's
+        "--ort-threads",
+        str(max(1, math.ceil(cores - 1e-9))),
+    ]
+    env: list[dict[str, Any]] = [
+        # the root filesystem is read-only: caches and temporary files go to the /tmp emptyDir
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "TMPDIR", "value": "/tmp"},
+    ]
+    if db_secret is not None:
+        # the server has no environment variable for --db, so Kubernetes substitutes $(VAR)
+        # into the argument; the URL stays out of the manifests and `kubectl describe`
+        env.append(
+            {
+                "name": REGISTRY_DB_ENV,
+                "valueFrom": {"secretKeyRef": {"name": db_secret, "key": _DB_SECRET_KEY}},
+            }
+        )
+        args += ["--db", f"$({REGISTRY_DB_ENV})"]
+    mounts: list[dict[str, Any]] = [
+        {"name": "registry", "mountPath": REGISTRY_MOUNT},
+        {"name": "tmp", "mountPath": "/tmp"},  # an emptyDir of the pod
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "registry", "persistentVolumeClaim": {"claimName": claim_name}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+    ]
+    if api_keys_secret is not None:
+        args += ["--api-keys", f"{SECRETS_MOUNT}/{_API_KEYS_SECRET_KEY}"]
+        mounts.append({"name": "api-keys", "mountPath": SECRETS_MOUNT, "readOnly": True})
+        volumes.append(
+            {
+                "name": "api-keys",
+                "secret": {
+                    "secretName": api_keys_secret,
+                    "items": [{"key": _API_KEYS_SECRET_KEY, "path": _API_KEYS_SECRET_KEY}],
+                    "defaultMode": 0o440,
+                },
+            }
+        )
+
+    def http_probe(path: str, **timing: int) -> dict[str, Any]:
+        return {"httpGet": {"path": path, "port": "http"}, "timeoutSeconds": 5, **timing}
+
+    container = {
+        "name": "server",
+        "image": image,
+        "command": ["visionflow"],
+        "args": args,
+        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "env": env,
+        # the registry is scanned before the server listens: up to 10 minutes to start
+        "startupProbe": http_probe("/healthz", periodSeconds=5, failureThreshold=120),
+        # out of the Service until every aliased model version is loaded and warm
+        "readinessProbe": http_probe("/readyz", periodSeconds=5, failureThreshold=2),
+        "livenessProbe": http_probe("/healthz", periodSeconds=15, failureThreshold=4),
+        "resources": {
+            "requests": {"cpu": cpu, "memory": memory},
+            # a memory limit equal to the request; no CPU limit, which would only throttle
+            "limits": {"memory": memory},
+        },
+        "securityContext": {**_container_security(), "readOnlyRootFilesystem": True},
+        "volumeMounts": mounts,
+    }
+    files["deployment.yaml"] = [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": meta(name, "server"),
+            "spec": {
+                # the autoscaler takes over from here
+                "replicas": replicas,
+                "revisionHistoryLimit": 5,
+                "selector": {"matchLabels": selector},
+                # a new version's pods must be ready (models warm) before an old one goes
+                "strategy": {
+                    "type": "RollingUpdate",
+                    "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+                },
+                "template": {
+                    "metadata": {
+                        "labels": labels,
+                        "annotations": {
+                            "prometheus.io/scrape": "true",
+                            "prometheus.io/port": str(port),
+                            "prometheus.io/path": "/metrics",
+                        },
+                    },
+                    "spec": {
+                        "automountServiceAccountToken": False,
+                        "enableServiceLinks": False,
+                        "terminationGracePeriodSeconds": 30,
+                        "securityContext": _pod_security(_APP_UID),
+                        "containers": [container],
+                        "volumes": volumes,
+                    },
+                },
+            },
+        }
+    ]
+    files["service.yaml"] = [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": meta(name, "server"),
+            "spec": {
+                "type": "ClusterIP",
+                "selector": selector,
+                "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+            },
+        }
+    ]
+    files["hpa.yaml"] = [
+        {
+            "apiVersion": "autoscaling/v2",
+            "kind": "HorizontalPodAutoscaler",
+            "metadata": meta(name, "server"),
+            "spec": {
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+                "minReplicas": min_replicas,
+                "maxReplicas": max_replicas,
+                "metrics": [
+                    {
+                        "type": "Resource",
+                        "resource": {
+                            "name": "cpu",
+                            "target": {"type": "Utilization", "averageUtilization": target_cpu},
+                        },
+                    }
+                ],
+            },
+        }
+    ]
+    result: dict[str, list[dict[str, Any]]] = json.loads(json.dumps(files))
+    return result
+
+
+def serve_dockerfile_text() -> str:
+    """The Dockerfile of the serving image (non-root, ``HEALTHCHECK`` on ``/healthz``)."""
+    return (resources.files("visionflow.deploy") / "templates" / "Dockerfile.serve").read_text(
+        encoding="utf-8"
+    )
+
+
+def write_serve_manifests(out_dir: str | os.PathLike[str], **kwargs: Any) -> list[Path]:
+    """Write the manifests of :func:`serve_manifests` as YAML, ready for ``kubectl apply -k``.
+
+    Also writes ``kustomization.yaml``, ``Dockerfile.serve`` and a ``README.md``.
+
+    Args:
+        out_dir: Folder to write into (created if missing).
+        **kwargs: Keyword arguments of :func:`serve_manifests`.
+
+    Returns:
+        The paths written, in order.
+    """
+    out = Path(out_dir)
+    files = serve_manifests(**kwargs)
+    name = kwargs.get("name", DEFAULT_SERVE_NAME)
+    shared_db_note = (
+        "# With more than one replica the registry database must be PostgreSQL (--db-secret):\n"
+        "# an SQLite file on a shared network volume is not safe for several processes.\n"
+    )
+    written: list[Path] = []
+    for file_name, docs in files.items():
+        header = f"# Generated by `visionflow k8s serve` for {name!r}.\n"
+        if file_name == "deployment.yaml":
+            header += shared_db_note
+        text = header + yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False)
+        written.append(_write(out / file_name, text, 0o644))
+    kustomization: dict[str, Any] = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+    }
+    if kwargs.get("namespace"):
+        kustomization["namespace"] = kwargs["namespace"]
+    kustomization["resources"] = list(files)
+    written.append(
+        _write(out / "kustomization.yaml", yaml.safe_dump(kustomization, sort_keys=False), 0o644)
+    )
+    written.append(_write(out / "Dockerfile.serve", serve_dockerfile_text(), 0o644))
+    written.append(_write(out / "README.md", _serve_readme(files, out, **kwargs), 0o644))
+    return written
+
+
+def _serve_readme(files: dict[str, list[dict[str, Any]]], out: Path, **kwargs: Any) -> str:
+    name = kwargs.get("name", DEFAULT_SERVE_NAME)
+    image = shlex.quote(str(kwargs["image"]))
+    ns = f" -n {kwargs['namespace']}" if kwargs.get("namespace") else ""
+    claim = kwargs.get("registry_claim") or f"{name}-registry"
+    db_secret = kwargs.get("db_secret")
+    keys_secret = kwargs.get("api_keys_secret")
+    lines = [
+        f"# Model server `{name}` on Kubernetes",
+        "",
+        "Generated by `visionflow k8s serve`; the full guide is docs/kubernetes.md in the "
+        "visionflow sources.",
+        "",
+        "| file | what |",
+        "|---|---|",
+    ]
+    if "registry-volume.yaml" in files:
+        lines.append(f"| `registry-volume.yaml` | the registry claim `{claim}` (ReadWriteMany) |")
+    lines += [
+        "| `deployment.yaml` | `visionflow serve --registry "
+        f"{REGISTRY_MOUNT}`: probes on /readyz and /healthz, non-root, read-only root |",
+        "| `service.yaml` | ClusterIP Service, port 80 |",
+        "| `hpa.yaml` | HorizontalPodAutoscaler on CPU utilisation |",
+        "| `Dockerfile.serve` | the serving image |",
+        "",
+        "## Steps",
+        "",
+        "```console",
+        "# 1. the image, built in the visionflow source tree",
+        f"$ docker build -f {shlex.quote(str(out / 'Dockerfile.serve'))} -t {image} . "
+        f"&& docker push {image}",
+    ]
+    if db_secret:
+        lines += [
+            "# 2. the registry database URL (PostgreSQL), if the Secret does not exist yet",
+            f"$ kubectl create secret generic{ns} {db_secret} "
+            f"--from-literal={_DB_SECRET_KEY}='postgresql://user:password@host:5432/registry'",
+        ]
+    if keys_secret:
+        lines += [
+            "# API keys: lines from `visionflow serve --hash-key predict`",
+            f"$ kubectl create secret generic{ns} {keys_secret} "
+            f"--from-file={_API_KEYS_SECRET_KEY}=./api-keys.txt",
+        ]
+    lines += [
+        "# 3. the server",
+        "$ kubectl apply -k .",
+        f"$ kubectl rollout status{ns} deployment/{name}",
+        f"$ kubectl port-forward{ns} service/{name} 8080:80",
+        "$ curl http://127.0.0.1:8080/readyz",
+        "```",
+        "",
+        "## The registry",
+        "",
+        f"Every replica mounts the claim `{claim}` at `{REGISTRY_MOUNT}`, so it must be "
+        "ReadWriteMany (NFS, CephFS, AWS EFS, GCP Filestore, Azure Files, Longhorn RWX). "
+        "The servers poll it for new versions and alias moves. With more than one replica, "
+        "keep the registry's database in PostgreSQL (`--db-secret`): an SQLite file on a "
+        "network volume is not safe for several processes.",
+        "",
+        "The autoscaler's CPU utilisation is relative to the CPU request; it needs the "
+        "metrics-server in the cluster. Pods carry `prometheus.io/*` annotations for "
+        "`/metrics`.",
+    ]
     return "\n".join(lines) + "\n"
