@@ -192,7 +192,7 @@ def single_vs_search(
 def _by_strategy(trials: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for t in trials:
-        strategy = t["info"].get("strategy") or t["strategy"] or "not started"
+        strategy = t["info"].get("strategy") or t["strategy"] or "queued, never run"
         cell = out.setdefault(strategy, {})
         cell[t["state"]] = cell.get(t["state"], 0) + 1
     return out
