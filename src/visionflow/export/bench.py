@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import platform
 import tempfile
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from visionflow._cpu import cpu_count
 from visionflow.export.runtime import GRAPHS, load_bundle
 
 __all__ = ["BenchRow", "benchmark_bundle", "cpu_info", "markdown_table", "op_profile"]
@@ -56,11 +56,7 @@ def cpu_info() -> dict[str, Any]:
     except OSError:
         pass
     wanted = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "f16c")
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return {"cpu": name, "cores": cores, "flags": [f for f in wanted if f in flags]}
+    return {"cpu": name, "cores": cpu_count(), "flags": [f for f in wanted if f in flags]}
 
 
 def _time(call: Callable[[], object], repeats: int, warmup: int) -> np.ndarray:

@@ -37,6 +37,7 @@ from visionflow.data.index import DatasetIndex, Split
 from visionflow.data.preprocess import Preprocessing
 from visionflow.errors import CheckpointError, ExportError, ImageDecodeError
 from visionflow.export.bundle import ARCHIVE_SUFFIX, pack, write_bundle
+from visionflow.export.runtime import softmax
 
 __all__ = ["ExportResult", "export_run"]
 
@@ -116,12 +117,6 @@ def _accuracy(logits: np.ndarray, targets: np.ndarray) -> float | None:
     return float((logits[known].argmax(1) == targets[known]).mean())
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def _quantiles(values: Sequence[float]) -> dict[str, float]:
     arr = np.asarray(values, dtype=np.float64)
     qs = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
@@ -157,7 +152,7 @@ def reference_statistics(
         components = np.eye(1, dim, dtype=np.float32)
         explained = np.ones(1)
     points = centred @ components.T
-    probs = _softmax(logits)
+    probs = softmax(logits)
     predicted = probs.argmax(1)
     confidence = probs.max(1)
     keep = np.arange(n)
@@ -250,7 +245,8 @@ def model_card(meta: dict[str, Any], files: dict[str, Path]) -> str:
         "",
         "## Input",
         "",
-        f"RGB images; the short side is resized to {math_floor(pre)} px ({pre['interpolation']}) "
+        f"RGB images; the short side is resized to {Preprocessing.from_json(pre).resize_size} px "
+        f"({pre['interpolation']}) "
         f"and the centre {pre['input_size']} x {pre['input_size']} px cropped. The graphs take "
         f"these pixels as `uint8` `(batch, {pre['input_size']}, {pre['input_size']}, 3)` and "
         f"normalise inside (mean {pre['mean']}, std {pre['std']}); they return `logits` and the "
@@ -278,10 +274,6 @@ def model_card(meta: dict[str, Any], files: dict[str, Path]) -> str:
     if int8 and not int8.get("accepted"):
         lines.append(f"- The INT8 graph is not the default: {int8['note']}.")
     return "\n".join(lines) + "\n"
-
-
-def math_floor(pre: dict[str, Any]) -> int:
-    return Preprocessing.from_json(pre).resize_size
 
 
 def export_run(

@@ -37,6 +37,7 @@ from torch import nn
 
 from visionflow.data.preprocess import Preprocessing
 from visionflow.errors import ExportError
+from visionflow.export.runtime import make_session
 
 __all__ = [
     "OPSET",
@@ -222,28 +223,6 @@ def fold_pads(source: str | Path, target: str | Path) -> int:
     onnx.save(model, str(tmp))
     os.replace(tmp, target)
     return folded
-
-
-def make_session(path: str | Path, *, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session with the settings measured fastest here: all graph
-    optimisations, sequential execution, ``threads`` intra-op threads (default: the CPUs this
-    process may use), no inter-op pool and no spinning between calls when serving."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = int(threads or _cpus())
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class Parity:

@@ -7,13 +7,13 @@ graph), so a server or an edge device needs only numpy, Pillow and onnxruntime.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from visionflow._cpu import cpu_count
 from visionflow._io import read_json
 from visionflow.data.images import DEFAULT_MAX_PIXELS
 from visionflow.data.preprocess import Preprocessing
@@ -28,24 +28,25 @@ from visionflow.prediction import (
     top_k,
 )
 
-__all__ = ["GRAPHS", "BundleModel", "is_bundle", "load_bundle"]
+__all__ = ["GRAPHS", "BundleModel", "is_bundle", "load_bundle", "make_session", "softmax"]
 
 #: Graph kinds a bundle may hold, by file.
 GRAPHS = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
 
 
-def _session(path: Path, threads: int | None, providers: Sequence[str] | None) -> Any:
+def make_session(
+    path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None
+) -> Any:
+    """The one way visionflow opens an ONNX Runtime session: all graph optimisations,
+    sequential execution, ``threads`` intra-op threads (default: the CPUs this process may
+    use), no inter-op pool; ``providers`` in order of preference, those not available skipped,
+    the CPU as the fallback."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if threads is None:
-        try:
-            threads = len(os.sched_getaffinity(0))
-        except AttributeError:
-            threads = os.cpu_count() or 1
-    options.intra_op_num_threads = max(1, int(threads))
+    options.intra_op_num_threads = max(1, int(threads or cpu_count()))
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     available = set(ort.get_available_providers())
@@ -196,7 +197,7 @@ def load_bundle(
         have = [k for k, v in GRAPHS.items() if bundle.has(v)]
         raise BundleError(f"{path} holds no {graph} graph ({name}); it has {have}")
     try:
-        session = _session(bundle.file(name), threads, providers)
+        session = make_session(bundle.file(name), threads=threads, providers=providers)
     except Exception as exc:
         raise BundleError(f"{path}: ONNX Runtime cannot load {name}: {exc}") from exc
     return BundleModel(bundle, session, name)

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from visionflow.export.runtime import make_session
+
 __all__ = ["OnnxFeatureExtractor", "onnx_feature_extractor"]
 
 _log = logging.getLogger(__name__)
@@ -41,16 +43,6 @@ class OnnxFeatureExtractor:
         array = np.ascontiguousarray(images.detach().cpu().float().numpy())
         (out,) = self.session.run(None, {"images": array})  # type: ignore[attr-defined]
         return torch.from_numpy(np.asarray(out, dtype=np.float32))
-
-
-def _session(path: Path, threads: int) -> object:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _export(model: nn.Module, input_size: int, path: Path) -> None:
@@ -92,7 +84,7 @@ def onnx_feature_extractor(
     try:
         if not path.is_file():
             _export(model, input_size, path)
-        session = _session(path, threads)
+        session = make_session(path, threads=threads)
         generator = torch.Generator().manual_seed(seed)
         batch = torch.randn(2, 3, input_size, input_size, generator=generator)
         with torch.inference_mode():

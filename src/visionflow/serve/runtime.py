@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from visionflow.export.runtime import softmax
 from visionflow.serve._errors import ServeError, unknown_model, unknown_version
 from visionflow.serve.metrics import ServeMetrics
 from visionflow.serve.settings import ServeSettings
@@ -82,13 +83,6 @@ class _Item:
     pixels: np.ndarray
     future: Future[BatchResult]
     enqueued: float
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
-    return out
 
 
 class Batcher:
@@ -203,7 +197,7 @@ class Batcher:
             probs, feats = [], []
             for lo in range(0, len(pixels), self.max_batch):
                 logits, features = self.model.run(pixels[lo : lo + self.max_batch])
-                probs.append(_softmax(np.asarray(logits, np.float32)))
+                probs.append(softmax(np.asarray(logits, np.float32)))
                 feats.append(np.asarray(features, np.float32))
             if self._on_batch:
                 self._on_batch(len(pixels), time.perf_counter() - start)

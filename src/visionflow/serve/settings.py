@@ -7,17 +7,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from visionflow._cpu import cpu_count
+
 __all__ = ["API_KEYS_ENV", "ServeSettings", "default_ort_threads"]
 
 #: Environment variable naming the API-key file when ``--api-keys`` is not given.
 API_KEYS_ENV = "VISIONFLOW_API_KEYS"
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def default_ort_threads() -> int:
@@ -28,7 +23,7 @@ def default_ort_threads() -> int:
     ONNX Runtime every core makes its spinning workers fight the decoders; on two cores this is
     one thread, which also means no spinning pool at all.
     """
-    return max(1, _cpus() // 2)
+    return max(1, cpu_count() // 2)
 
 
 class ServeSettings(BaseModel):
@@ -72,7 +67,7 @@ class ServeSettings(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
-    threads: int = Field(default_factory=lambda: max(4, 2 * _cpus()), ge=1, le=1024)
+    threads: int = Field(default_factory=lambda: max(4, 2 * cpu_count()), ge=1, le=1024)
     ort_threads: int = Field(default_factory=default_ort_threads, ge=1, le=256)
     max_batch: int = Field(default=16, ge=1, le=4096)
     max_wait_ms: float = Field(default=5.0, ge=0, le=10_000)

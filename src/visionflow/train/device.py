@@ -7,17 +7,10 @@ import os
 
 import torch
 
+from visionflow._cpu import cpu_count
 from visionflow.errors import ConfigError
 
 __all__ = ["autocast_dtype", "configure_threads", "cpu_count", "select_device"]
-
-
-def cpu_count() -> int:
-    """CPUs this process may run on (cgroup/affinity aware where the OS tells)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - macOS / Windows
-        return max(1, os.cpu_count() or 1)
 
 
 def configure_threads(num_threads: int | None = None) -> int:
