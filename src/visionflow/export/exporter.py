@@ -349,8 +349,8 @@ def export_run(
         say("exporting the FP32 graph")
         fp32 = export_classifier(clf.model, pre, work / "model.onnx")
         session = make_session(fp32, threads=threads)
-        parity = check_parity(clf.model, pre, session, val_px)
         logits, feats = _run_graph(session, val_px)
+        parity = check_parity(clf.model, pre, session, val_px, logits=logits)
         fp32_acc = _accuracy(logits, val_y)
         files["model.onnx"] = fp32
         graphs["fp32"] = {

@@ -249,8 +249,12 @@ def check_parity(
     *,
     atol: float = 1e-4,
     batch_size: int = 16,
+    logits: np.ndarray | None = None,
 ) -> Parity:
     """Compare ``session`` with ``model`` on ``pixels`` (``uint8`` NHWC).
+
+    ``logits`` are the session's logits for ``pixels`` when the caller already has them (the
+    graph is then not run again).
 
     Raises:
         ExportError: logits differ by more than ``atol`` anywhere, or a top-1 class differs.
@@ -261,7 +265,10 @@ def check_parity(
         chunk = pixels[start : start + batch_size]
         with torch.inference_mode():
             ref = model(torch.from_numpy(pre.normalize(chunk))).float().numpy()
-        got = session.run(["logits"], {"images": chunk})[0]
+        if logits is None:
+            got = session.run(["logits"], {"images": chunk})[0]
+        else:
+            got = logits[start : start + batch_size]
         worst = max(worst, float(np.abs(got - ref).max()))
         agree += int((got.argmax(1) == ref.argmax(1)).sum())
     parity = Parity(len(pixels), worst, agree / max(1, len(pixels)))
