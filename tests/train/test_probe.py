@@ -59,3 +59,33 @@ def test_probe_needs_two_classes():
     with pytest.raises(DataError, match="single class"):
         fit_linear_probe(torch.randn(5, 3), torch.zeros(5, dtype=torch.long), None, None,
                          num_classes=2)  # fmt: skip
+
+
+def test_choice_of_c_stops_when_time_is_up():
+    """A contended CPU must not stretch the probe: after the first fold (or the first C on
+    validation) the selection ends with what it measured; the final fits still run."""
+    xtr, ytr = _blobs(60, 0)
+    xva, yva = _blobs(30, 1)
+    asked = []
+
+    def time_up():
+        asked.append(1)
+        return True
+
+    result = fit_linear_probe(xtr, ytr, xva, yva, num_classes=3, time_up=time_up)
+    assert result.selected_by == "cv (1 of 5 folds: time)" and asked
+    assert result.val_accuracy == 1.0 and result.refit
+    assert len(result.scores) == len(DEFAULT_CS)  # every C of the one fold that ran
+
+    xtr, ytr = _blobs(3, 0)  # no folds: C chosen on validation, stopped after the first C
+    result = fit_linear_probe(xtr, ytr, xva, yva, num_classes=3, time_up=lambda: True)
+    assert result.selected_by == "val" and len(result.scores) == 1
+
+
+def test_time_that_never_runs_out_changes_nothing():
+    xtr, ytr = _blobs(60, 0)
+    xva, yva = _blobs(30, 1)
+    plain = fit_linear_probe(xtr, ytr, xva, yva, num_classes=3)
+    timed = fit_linear_probe(xtr, ytr, xva, yva, num_classes=3, time_up=lambda: False)
+    assert timed.selected_by == "cv" and timed.C == plain.C
+    assert torch.equal(timed.weight, plain.weight)

@@ -23,7 +23,7 @@ faster (a 5-fold search over six ``C`` on 240 images of 1280 features: 3 s inste
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,7 +56,8 @@ class ProbeResult:
         C: The chosen inverse regularisation strength.
         val_accuracy, val_loss: Of the training-only probe on the validation split.
         cv_accuracy: Mean cross-validated accuracy of the chosen ``C`` on the training split.
-        selected_by: ``"cv"``, ``"val"`` or ``"default"``.
+        selected_by: ``"cv"``, ``"val"`` or ``"default"``; ``"cv (k of n folds: time)"`` when
+            the time ran out during the cross-validation.
         scores: Every ``C`` tried with its selection score.
     """
 
@@ -135,12 +136,19 @@ def _cv_scores(
     class_weight: str | None,
     seed: int,
     max_iter: int,
-) -> list[tuple[float, float]]:
-    """(mean accuracy, mean log loss) of each ``C`` over stratified folds."""
+    time_up: Callable[[], bool] | None = None,
+) -> tuple[list[tuple[float, float]], int]:
+    """(mean accuracy, mean log loss) of each ``C`` over stratified folds, and the number of
+    folds run: when ``time_up()`` turns true the folds not started are skipped (at least one
+    always runs), so a contended CPU cannot stretch the probe past its time."""
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     accs: list[list[float]] = [[] for _ in cs]
     losses: list[list[float]] = [[] for _ in cs]
+    run = 0
     for train_idx, test_idx in splitter.split(x, y):
+        if run and time_up is not None and time_up():
+            break
+        run += 1
         # along the regularisation path, each fit starts from the previous solution
         model = LogisticRegression(max_iter=max_iter, class_weight=class_weight, warm_start=True)
         for i, c in enumerate(cs):
@@ -155,7 +163,8 @@ def _cv_scores(
             picked = np.where(hit >= 0, proba[np.arange(len(truth)), np.maximum(hit, 0)], 1e-12)
             accs[i].append(float((model.classes_[proba.argmax(1)] == truth).mean()))
             losses[i].append(float(-np.log(picked).mean()))
-    return [(float(np.mean(a)), float(np.mean(lo))) for a, lo in zip(accs, losses, strict=True)]
+    scores = [(float(np.mean(a)), float(np.mean(lo))) for a, lo in zip(accs, losses, strict=True)]
+    return scores, run
 
 
 def fit_linear_probe(
@@ -171,13 +180,16 @@ def fit_linear_probe(
     max_iter: int = 1000,
     cv_folds: int = 5,
     refit: bool = True,
+    time_up: Callable[[], bool] | None = None,
 ) -> ProbeResult:
     """Choose ``C``, fit on the training split, report on validation, refit on both.
 
     ``C`` is chosen by stratified ``cv_folds``-fold cross-validation on the training split when
     every class has at least two training images and there are at most ``CV_MAX_IMAGES`` of them;
     otherwise on the validation split; otherwise ``C = 1``. ``class_weight="balanced"``
-    reweights an imbalanced training set.
+    reweights an imbalanced training set. ``time_up()`` is asked between the fits of the
+    selection: when it turns true the selection ends with what it has measured (``C = 1`` when
+    nothing was), and the final fits still run (they are one or two fits, not ``k x |Cs|``).
     """
     if len(train_features) == 0:
         raise DataError("the training split is empty; nothing to fit a probe on")
@@ -203,9 +215,10 @@ def fit_linear_probe(
     chosen = 1.0
     cv_accuracy: float | None = None
     if folds >= 2 and len(y) <= CV_MAX_IMAGES and len(Cs) > 1:
-        results = _cv_scores(xs, y, Cs, folds, class_weight, seed, max_iter)
+        results, ran = _cv_scores(xs, y, Cs, folds, class_weight, seed, max_iter, time_up)
         best = max(range(len(Cs)), key=lambda i: (results[i][0], -results[i][1]))
-        chosen, cv_accuracy, selected_by = Cs[best], results[best][0], "cv"
+        chosen, cv_accuracy = Cs[best], results[best][0]
+        selected_by = "cv" if ran == folds else f"cv ({ran} of {folds} folds: time)"
         scores = [
             {"C": c, "cv_accuracy": acc, "cv_loss": loss}
             for c, (acc, loss) in zip(Cs, results, strict=True)
@@ -213,6 +226,8 @@ def fit_linear_probe(
     elif has_val and xv is not None and yv is not None and len(Cs) > 1:
         best_key: tuple[float, float] | None = None
         for c in Cs:
+            if best_key is not None and time_up is not None and time_up():
+                break
             w, b = _fold(
                 _fit(xs, y, c, class_weight, max_iter), 1.0, num_classes
             )  # in xs coordinates
