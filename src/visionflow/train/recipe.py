@@ -74,6 +74,9 @@ __all__ = [
 # Fixed costs kept in reserve at the end of the budget: final evaluation, plots, report.
 _RESERVE_SECONDS = 8.0
 _STATE = "state.json"
+#: Share of the budget the probe's choice of ``C`` (cross-validation) may take: about 3 s on
+#: an idle 2-core CPU for 240 images, but 100 s+ were seen under heavy contention.
+PROBE_SELECTION_SHARE = 0.1
 
 
 @dataclass
@@ -551,6 +554,16 @@ class _Pipeline:
                 )
         return self._onnx
 
+    def _probe_time_up(self) -> Callable[[], bool] | None:
+        """When the probe's choice of ``C`` must stop: at the run's deadline, and after
+        :data:`PROBE_SELECTION_SHARE` of the budget (at least 5 s), so a contended CPU cannot
+        make the cross-validation eat the time the fine-tune needs."""
+        budget = self.config.budget_seconds()
+        if budget is None:
+            return None
+        cap = Deadline(max(5.0, PROBE_SELECTION_SHARE * budget))
+        return lambda: self.deadline.expired() or cap.expired()
+
     def probe(self) -> ProbeResult:
         t0 = time.monotonic()
         self.backbone.to(self.device)
@@ -565,6 +578,7 @@ class _Pipeline:
             num_classes=len(self.index.classes),
             class_weight="balanced" if self.balance != "none" else None,
             seed=self.config.seed,
+            time_up=self._probe_time_up(),
         )
         n = len(xtr) + len(xva)
         # features read from the cache say nothing about the network's speed
