@@ -22,6 +22,7 @@ from visionflow.errors import ConfigError, ImageDecodeError
 from visionflow.explain.cam import (
     CAM_METHODS,
     CamModel,
+    TargetLayer,
     cam_gallery_section,
     explain,
     find_target_layer,
@@ -176,6 +177,17 @@ def test_a_backbone_without_a_spatial_layer_is_a_clear_error():
     mlp = TaskModel(nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 8)), LinearHead(8, 2))
     with pytest.raises(ConfigError, match="no layer with a spatial feature map"):
         find_target_layer(mlp, 16)
+
+
+def test_a_layer_followed_by_an_in_place_op_still_works():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    net = nn.Sequential(conv, nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    subject = CamModel(TaskModel(net, LinearHead(4, 2)), ["a", "b"], Preprocessing(16))
+    image = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    layer = TargetLayer(conv, "backbone.0", "conv", (16, 16))
+    for method in ("gradcam", "eigencam"):
+        [expl] = explain(subject, [image], method=method, layer=layer)
+        assert expl.cam.shape == (16, 16) and expl.layer == "backbone.0"
 
 
 # ----------------------------------------------------------------------------- meaning
