@@ -23,6 +23,8 @@ from visionflow.search.runner import (
     _expected_seconds,
     _Objective,
     _queued_trials,
+    _refit_choice,
+    _refit_epoch_seconds,
     _warm_start,
     _work,
     build_space,
@@ -69,22 +71,27 @@ def test_build_space_refuses_a_pinned_backbone_without_weights(monkeypatch, tmp_
         build_space(config, explicit={"backbone", "weights"})
 
 
-def test_queue_is_cheap_first_then_the_default_recipe():
+def test_queue_is_the_default_recipe_then_probes_largest_size_first():
     space = SearchSpace.from_overrides(
         SearchSpace.default(), {"backbone": ["a_net", "b_net"], "img_size": [96, 128, 160]}
     )
     queue = _queued_trials(space, TrainConfig())
-    probes = [q for q in queue if q["strategy"] == "probe"]
-    assert [(q["backbone"], q["img_size"]) for q in probes] == [
+    default = queue[0]
+    assert default["strategy"] == "lpft" and default["batch_size"] == 32
+    assert default["backbone"] == "a_net" and default["img_size"] == 160
+    assert set(default) <= set(space)
+    assert [(q["backbone"], q["img_size"]) for q in queue[1:]] == [
         ("a_net", 160),
-        ("a_net", 96),
         ("b_net", 160),
+        ("a_net", 96),
         ("b_net", 96),
     ]
-    assert queue[: len(probes)] == probes, "probes come first"
-    default = queue[-1]
-    assert default["strategy"] == "lpft" and default["batch_size"] == 32
-    assert set(default) <= set(space)
+    assert all(q["strategy"] == "probe" for q in queue[1:])
+    # a space without fine-tuning strategies queues the probes alone
+    probes_only = SearchSpace.from_overrides(space, {"strategy": "probe"})
+    assert [q.get("strategy", "probe") for q in _queued_trials(probes_only, TrainConfig())] == [
+        "probe"
+    ] * 4
 
 
 def test_search_config_from_file_and_unknown_keys(tmp_path):
@@ -129,10 +136,12 @@ def test_search_then_refit(image_folder, tmp_path):
     rows = _rows(run_dir)
     assert len(rows) == 5 + counts["failed"]
     by_number = {int(r["number"]): r for r in rows}
-    assert by_number[0]["strategy"] == "probe", "the cheap probe trial runs first"
+    assert by_number[0]["strategy"] == "lpft", "the default recipe runs first"
+    assert by_number[1]["strategy"] == "probe"
     assert result.best is not None and result.best["state"] == "complete"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["search"]["best"]["number"] == result.best["number"]
+    assert isinstance(metrics["search"]["refit_trial"], int) and metrics["search"]["refit_reason"]
     assert set(metrics["splits"]) == {"train", "val", "test"}
     report = (run_dir / "report.html").read_text()
     assert "leaderboard" in report.lower()
@@ -263,6 +272,60 @@ def test_warm_start_only_from_a_fine_tune_that_gave_the_value_and_kept_weights(t
     assert _warm_start({**best, "info": {**info, "weights": None}}, tmp_path) is None
     assert _warm_start({**best, "number": 8}, tmp_path) is None  # no file
     assert _warm_start(None, tmp_path) is None
+
+
+def _trial_row(number, value, *, strategy, backbone="lite0", size=224, seconds=None, **info):
+    return {
+        "number": number,
+        "state": "complete",
+        "value": value,
+        "params": {"strategy": strategy, "backbone": backbone, "img_size": size},
+        "duration_s": seconds,
+        "info": {"strategy": strategy, **info},
+    }
+
+
+def _kept_finetune(tmp_path, number, value, *, probe_val, epochs=3, seconds=60.0, **kw):
+    weights = tmp_path / "trials" / f"{number:04d}" / "model.safetensors"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    weights.write_bytes(b"x")
+    return _trial_row(
+        number, value, strategy="lpft", seconds=seconds, probe_val=probe_val,
+        finetune_val=value, epochs=epochs, weights=str(weights), **kw,
+    )  # fmt: skip
+
+
+def test_refit_continues_the_fine_tune_unless_features_are_clearly_better(tmp_path):
+    """Issue 3's measured failure: a probe of a slower backbone (90.0%) led a 2-epoch LP-FT
+    (86.7%) on validation, and the refit traded the long fine-tune for a short one."""
+    inc = _kept_finetune(tmp_path, 0, 52 / 60, probe_val=53 / 60, epochs=2, seconds=46.0,
+                         feature_ips=40.0)  # fmt: skip
+    # one validation image (of 60) better features: not enough
+    probe = _trial_row(1, 54 / 60, strategy="probe", backbone="lite2", size=260, seconds=30.0,
+                 probe_val=54 / 60, feature_ips=15.0)  # fmt: skip
+    chosen, why = _refit_choice([probe, inc], tmp_path, n_val=60, refit_seconds=120.0)
+    assert chosen is inc and "not ahead" in why
+    # clearly better features, but the refit fits few epochs of the slower backbone
+    probe = {**probe, "value": 0.95, "info": {**probe["info"], "probe_val": 0.95}}
+    assert _refit_epoch_seconds([probe, inc], probe["params"]) == pytest.approx(23.0 * 40 / 15)
+    chosen, why = _refit_choice([probe, inc], tmp_path, n_val=60, refit_seconds=120.0)
+    assert chosen is inc and "fine-tune epochs" in why
+    # with time enough for it, the better backbone is refitted
+    chosen, why = _refit_choice([probe, inc], tmp_path, n_val=60, refit_seconds=900.0)
+    assert chosen is probe and "better features" in why
+    # the same when nothing tells its cost
+    bare = {**probe, "info": {k: v for k, v in probe["info"].items() if k != "feature_ips"}}
+    assert _refit_choice([bare, inc], tmp_path, n_val=60, refit_seconds=120.0)[0] is bare
+
+
+def test_refit_takes_the_best_trial_when_it_is_the_incumbent_or_there_is_none(tmp_path):
+    inc = _kept_finetune(tmp_path, 0, 0.95, probe_val=0.9)
+    probe = _trial_row(1, 0.92, strategy="probe", probe_val=0.92)
+    assert _refit_choice([inc, probe], tmp_path, n_val=60, refit_seconds=60.0)[0] is inc
+    assert _refit_choice([probe], tmp_path, n_val=60, refit_seconds=60.0)[0] is probe
+    assert _refit_choice([], tmp_path, n_val=60, refit_seconds=60.0) == (None, "no trial completed")
+    failed = {**probe, "state": "failed", "value": None}
+    assert _refit_choice([failed], tmp_path, n_val=60, refit_seconds=60.0)[0] is None
 
 
 def _study_with_run(tmp_path, image_folder, search_end):

@@ -6,17 +6,19 @@ Timeline of a run with budget ``B`` (``SearchConfig.refit_fraction`` = ``r``)::
 
 * **Trials** share the checked dataset, its split and a frozen-feature cache in the run folder,
   so a ``probe`` trial (frozen features + logistic regression) of a backbone and image size
-  already seen takes seconds. The first trials are queued cheap-first: a probe per backbone at
-  two image sizes, then the default recipe; the TPE sampler takes over after them. Fine-tune
+  already seen takes seconds. The first trial queued is the default recipe (what
+  ``--no-search`` runs, allowed half of the search phase), then a probe per backbone at two
+  image sizes; the TPE sampler takes over after them. Fine-tune
   trials report their validation accuracy every epoch and the pruner (Hyperband by default)
   stops the hopeless ones. One trial may take at most ``trial_fraction`` of the search phase.
   A trial is scored on validation only; the test split is never looked at before the refit.
   The search phase ends early, its time going to the refit, at 100% validation accuracy or
   when the sampled trial would not end in time (:func:`_not_started_reason`).
-* **Refit**: the best configuration runs through the full recipe (probe, LP-FT, weight
+* **Refit**: the chosen configuration runs through the full recipe (probe, LP-FT, weight
   ensemble, the better of probe and fine-tune kept) with the rest of the budget, writing the
-  model, metrics and report into the run folder like a single run. A best trial whose score
-  came from its fine-tune saved its weights; the refit continues from them.
+  model, metrics and report into the run folder like a single run. The best fine-tune trial
+  saved its weights and the refit continues from them, unless another trial has clearly better
+  features at an affordable cost (:func:`_refit_choice`).
 * **Clean-up**: once done, ``trials/`` and the run's own ``features/`` cache are deleted.
 * **Storage**: an Optuna journal file in the run folder by default; a database URL lets workers
   on other machines (``visionflow worker``) join. Re-running the same command with the same run
@@ -78,6 +80,12 @@ _MIN_TRIAL_SECONDS = 5.0
 #: says little about where the fine-tune ends (measured, BENCHMARKS.md: an LP-FT at 76.7% on
 #: validation after 3 epochs, 93.3% at epoch 10), and its time is worth more to the refit.
 _MIN_USEFUL_EPOCHS = 5
+#: Fine-tune epochs after which more epochs rarely change the choice: the single runs of the
+#: search benchmark stopped early at 12-14 epochs (BENCHMARKS.md).
+_SETTLED_EPOCHS = 15
+#: Share of the search phase the default recipe's trial may take (other trials: the search
+#: config's ``trial_fraction``); the refit usually continues it, so its epochs are not lost.
+_DEFAULT_TRIAL_SHARE = 0.5
 #: Environment variable read when no storage is given (keeps passwords off command lines).
 STORAGE_ENV = "VISIONFLOW_STORAGE"
 
@@ -180,50 +188,67 @@ def build_space(
     return space, dropped
 
 
+def _choices(space: SearchSpace, name: str) -> list[Any]:
+    """The values a categorical or pinned parameter can take (``[]`` for a range)."""
+    dim = space[name]
+    if isinstance(dim, Categorical):
+        return list(dim.choices)
+    if isinstance(dim, Fixed):
+        return [dim.value]
+    return []
+
+
 def _queued_trials(space: SearchSpace, config: TrainConfig) -> list[dict[str, Any]]:
-    """Cheap first: a probe per backbone at the largest and smallest image size, then the
-    default recipe (LP-FT with TrainConfig's defaults) on the first backbone."""
+    """The default recipe first (:func:`_default_params`: what ``--no-search`` runs), then a
+    probe per backbone at the largest image size, then at the smallest.
+
+    The default goes first because the refit continues it unless another trial shows clearly
+    better features at an affordable cost (:func:`_refit_choice`): at a small budget the search
+    then costs the single run only the other trials' time, instead of trading a long fine-tune
+    of a good backbone for a short one of a slower backbone. Its probe computes the default
+    backbone's features, so the probe trial of that backbone reads them from the cache.
+    """
     searched = {n: d for n, d in space.items() if not isinstance(d, Fixed)}
-
-    def choices(name: str) -> list[Any]:
-        dim = space[name]
-        if isinstance(dim, Categorical):
-            return list(dim.choices)
-        if isinstance(dim, Fixed):
-            return [dim.value]
-        return []
-
-    strategies = choices("strategy")
-    sizes = sorted({s for s in choices("img_size") if s is not None}, reverse=True)
+    sizes = sorted({s for s in _choices(space, "img_size") if s is not None}, reverse=True)
     size_pair = [sizes[0], sizes[-1]] if len(sizes) > 1 else sizes[:1]
-    queue: list[dict[str, Any]] = []
-    if "probe" in strategies:
-        for backbone in choices("backbone"):
-            for size in size_pair or [None]:
+    queue = [_default_params(space, config)]
+    if "probe" in _choices(space, "strategy"):
+        for size in size_pair or [None]:
+            for backbone in _choices(space, "backbone"):
                 params = {"backbone": backbone, "strategy": "probe", "img_size": size}
                 queue.append({k: v for k, v in params.items() if k in searched})
-    default = "lpft" if "lpft" in strategies else (strategies[0] if strategies else None)
-    if default is not None:
-        values: dict[str, Any] = {
-            "backbone": (choices("backbone") or [None])[0],
-            "strategy": default,
-            "img_size": sizes[0] if sizes else None,
-            "lr": 2e-4 if default == "lpft" else 3e-4,
-            "weight_decay": config.weight_decay,
-            "batch_size": config.batch_size,
-            "augment": "light" if config.augment == "auto" else config.augment,
-            "label_smoothing": config.label_smoothing,
-            "mixup": config.mixup,
-            "cutmix": config.cutmix,
-            "freeze_epochs": config.freeze_epochs,
-            "epochs": config.epochs,
-        }
-        queue.append({k: v for k, v in values.items() if k in searched and _inside(searched[k], v)})
     unique: list[dict[str, Any]] = []
     for params in queue:
         if params and params not in unique:
             unique.append(params)
     return unique
+
+
+def _default_params(space: SearchSpace, config: TrainConfig) -> dict[str, Any]:
+    """The searched parameters of the default recipe: LP-FT with TrainConfig's defaults on the
+    first backbone at the largest image size (``{}`` when no fine-tuning strategy is searched
+    or pinned)."""
+    strategies = _choices(space, "strategy")
+    default = "lpft" if "lpft" in strategies else (strategies[0] if strategies else None)
+    if default is None or default == "probe":
+        return {}
+    searched = {n: d for n, d in space.items() if not isinstance(d, Fixed)}
+    sizes = [s for s in _choices(space, "img_size") if s is not None]
+    values: dict[str, Any] = {
+        "backbone": (_choices(space, "backbone") or [None])[0],
+        "strategy": default,
+        "img_size": max(sizes) if sizes else None,
+        "lr": 2e-4 if default == "lpft" else 3e-4,
+        "weight_decay": config.weight_decay,
+        "batch_size": config.batch_size,
+        "augment": "light" if config.augment == "auto" else config.augment,
+        "label_smoothing": config.label_smoothing,
+        "mixup": config.mixup,
+        "cutmix": config.cutmix,
+        "freeze_epochs": config.freeze_epochs,
+        "epochs": config.epochs,
+    }
+    return {k: v for k, v in values.items() if k in searched and _inside(searched[k], v)}
 
 
 # ---------------------------------------------------------------------------- run state
@@ -362,6 +387,11 @@ class _Objective:
         run = self.study.attrs.get(_RUN_ATTR, {})
         end = run.get("search_end")
         cap = run.get("trial_seconds")
+        default = run.get("default_params") or None
+        if default and all(handle.params.get(k) == v for k, v in default.items()):
+            # the refit continues this one unless something clearly beats it: its epochs are
+            # not wasted, so it may run longer than other trials
+            cap = run.get("default_trial_seconds", cap)
         left = math.inf if end is None else end - time.time()
         seconds = min(cap if cap is not None else math.inf, left)
         config = _trial_config(self.base, handle.params, self.run_dir)
@@ -371,11 +401,16 @@ class _Objective:
             self.out_of_time = True
             handle.set_info("note", why)
             raise _TrialNotStarted(why)
-        best = next((r for r in rows if r["state"] == "complete"), None)
+        kept = [
+            float(r["value"])
+            for r in rows
+            if r["state"] == "complete" and r["value"] is not None and r["info"].get("weights")
+        ]
 
         def keep_weights(value: float) -> bool:
-            # the best so far (a tie too: the leaderboard may rank it first on loss)
-            return best is None or best["value"] is None or value >= best["value"]
+            # the best fine-tune so far (a tie too: the leaderboard may rank it first on loss);
+            # a probe trial that scored higher does not count: it has no weights to continue
+            return not kept or value >= max(kept)
 
         def on_epoch(step: int, value: float) -> bool:
             handle.report(value, step)
@@ -589,6 +624,97 @@ class _Monitor:
 
 
 # ---------------------------------------------------------------------------- the run
+def _key(params: dict[str, Any]) -> tuple[Any, Any]:
+    return params.get("backbone"), params.get("img_size")
+
+
+def _refit_epoch_seconds(rows: list[dict[str, Any]], params: dict[str, Any]) -> float | None:
+    """Seconds a fine-tune epoch of ``params``' backbone and image size takes: measured by a
+    fine-tune trial of that backbone and size, else another fine-tune trial's epoch scaled by
+    the two backbones' feature-pass speeds (``feature_ips`` of their first probes)."""
+    tuned = [
+        r
+        for r in rows
+        if r["state"] in ("complete", "pruned")
+        and r["params"].get("strategy") in ("lpft", "finetune")
+        and r["duration_s"]
+        and int(r["info"].get("epochs") or 0) > 0
+    ]
+    same = [r for r in tuned if _key(r["params"]) == _key(params)]
+    if same:
+        return float(min(r["duration_s"] / int(r["info"]["epochs"]) for r in same))
+    speed: dict[tuple[Any, Any], float] = {}
+    for r in rows:
+        ips = r["info"].get("feature_ips")
+        if isinstance(ips, int | float) and ips > 0:
+            speed[_key(r["params"])] = max(float(ips), speed.get(_key(r["params"]), 0.0))
+    target = speed.get(_key(params))
+    for r in tuned:
+        ref = speed.get(_key(r["params"]))
+        if target and ref:
+            return float(r["duration_s"] / int(r["info"]["epochs"]) * ref / target)
+    return None
+
+
+def _feature_score(row: dict[str, Any]) -> float | None:
+    """Validation accuracy of the trial's linear probe: how good its frozen features are."""
+    probe = row["info"].get("probe_val")
+    if probe is None and row["params"].get("strategy") == "probe":
+        probe = row["value"]
+    return None if probe is None else float(probe)
+
+
+def _refit_choice(
+    rows: list[dict[str, Any]], run_dir: Path, *, n_val: int, refit_seconds: float
+) -> tuple[dict[str, Any] | None, str]:
+    """The trial whose configuration the refit takes, and why.
+
+    The best trial by validation accuracy, except when a fine-tune whose weights were kept
+    (the incumbent: the refit would continue it) trails it. Trials are then measured at
+    different fidelities (a probe is finished; a fine-tune after a few epochs is not), so
+    validation accuracy alone would trade a long fine-tune for a short one of another
+    backbone: the measured failure of issue 3 (lite2's probe, 90.0%, beat lite0's 2-epoch
+    LP-FT; the refit fine-tuned lite2 for 7 epochs and lost to the single run's 12 of
+    lite0). The leader replaces the incumbent only when (a) its frozen features are better
+    by more than one validation image (linear probes compared, the same fidelity for both)
+    and (b) the refit can fine-tune it for at least :data:`_MIN_USEFUL_EPOCHS` epochs and
+    half the epochs the incumbent would have in all (counted up to :data:`_SETTLED_EPOCHS`).
+    """
+    complete = [r for r in rows if r["state"] == "complete" and r["value"] is not None]
+    if not complete:
+        return None, "no trial completed"
+    top = complete[0]
+    incumbent = next((r for r in complete if _warm_start(r, run_dir) is not None), None)
+    if incumbent is None or incumbent is top:
+        return top, "best validation accuracy"
+    n_top, n_inc = top["number"], incumbent["number"]
+    ahead, behind = _feature_score(top), _feature_score(incumbent)
+    what = "linear probe"
+    if ahead is None or behind is None:
+        ahead, behind, what = float(top["value"]), float(incumbent["value"]), "validation"
+    margin = 1.0 / max(1, n_val)
+    if ahead - behind <= margin + 1e-9:
+        return incumbent, (
+            f"trial {n_top} leads on validation, but its {what} accuracy ({100 * ahead:.1f}%) "
+            f"is not ahead of trial {n_inc}'s ({100 * behind:.1f}%) by more than one of "
+            f"{n_val} validation images; the refit continues trial {n_inc}'s fine-tune"
+        )
+    epoch, own = (
+        _refit_epoch_seconds(rows, top["params"]),
+        _refit_epoch_seconds(rows, incumbent["params"]),
+    )
+    if epoch is not None and own is not None:
+        top_epochs = refit_seconds / epoch
+        inc_epochs = int(incumbent["info"].get("epochs") or 0) + refit_seconds / own
+        if top_epochs < max(_MIN_USEFUL_EPOCHS, 0.5 * min(inc_epochs, _SETTLED_EPOCHS)):
+            return incumbent, (
+                f"trial {n_top} has better features, but the refit's {refit_seconds:.0f} s "
+                f"fit {top_epochs:.1f} fine-tune epochs of it against {inc_epochs:.1f} in all "
+                f"for trial {n_inc}; the refit continues trial {n_inc}'s fine-tune"
+            )
+    return top, f"better features than trial {n_inc}'s fine-tune, at an affordable cost"
+
+
 def _warm_start(best: dict[str, Any] | None, run_dir: Path) -> WarmStart | None:
     """The best trial's fine-tuned weights for the refit to continue from, when it kept them."""
     from visionflow.train.recipe import WarmStart
@@ -754,6 +880,9 @@ def search_classifier(
     if not resumed:
         for params in _queued_trials(space, config):
             study.enqueue(params)
+    default_trial_seconds = (
+        None if trial_seconds is None else max(trial_seconds, _DEFAULT_TRIAL_SHARE * search_total)
+    )
     _fail_dead_local_trials(study)
     study.set_attr(
         _RUN_ATTR,
@@ -763,6 +892,8 @@ def search_classifier(
             "config": config.model_dump(mode="json"),
             "search_end": search_end,
             "trial_seconds": trial_seconds,
+            "default_params": _default_params(space, config),
+            "default_trial_seconds": default_trial_seconds,
             "max_trials": max_trials,
             "dropped_backbones": dropped,
         },
@@ -797,24 +928,28 @@ def search_classifier(
     study.write_leaderboard_csv(run_dir / "leaderboard.csv")
     best = study.best()
     counts = study.counts()
+    rows = study.leaderboard()
 
     # ------------------------------------------------------------------------- refit
-    params = dict(best["params"]) if best is not None else {}
+    remaining = deadline.remaining()
+    chosen, why = _refit_choice(
+        rows, run_dir, n_val=len(prepared.split.val), refit_seconds=max(0.0, remaining)
+    )
+    params = dict(chosen["params"]) if chosen is not None else {}
     refit_config = _trial_config(config, params, run_dir)
     best_strategy = params.get("strategy")
     refit_config.strategy = "finetune" if best_strategy == "finetune" else "auto"
-    remaining = deadline.remaining()
     refit_config.budget = None if math.isinf(remaining) else f"{max(1.0, remaining):.1f}s"
     if console is not None:
-        if best is None:
+        if chosen is None:
             console.print("[yellow]no trial completed[/]; refitting the default settings")
         else:
             console.print(
-                f"[bold]refit[/] of trial {best['number']} (val accuracy "
-                f"{100 * best['value']:.1f}%): " + ", ".join(f"{k}={v}" for k, v in params.items()),
+                f"[bold]refit[/] of trial {chosen['number']} (val accuracy "
+                f"{100 * chosen['value']:.1f}%; {why}): "
+                + ", ".join(f"{k}={v}" for k, v in params.items()),
                 highlight=False,
             )
-    rows = study.leaderboard()
 
     def sections() -> list[ReportSection]:
         images = {
@@ -827,12 +962,13 @@ def search_classifier(
             ),
         }
         note = (
-            f"search {format_seconds(search_seconds)}, then the refit; budget "
-            f"{config.budget or 'none'}"
+            f"search {format_seconds(search_seconds)}, then the refit"
+            + ("" if chosen is None else f" of trial {chosen['number']} ({why})")
+            + f"; budget {config.budget or 'none'}"
         )
         return [search_report_section(rows, images, best=best, counts=counts, budget_note=note)]
 
-    warm = _warm_start(best, run_dir) if best_strategy in ("lpft", "finetune") else None
+    warm = _warm_start(chosen, run_dir) if best_strategy in ("lpft", "finetune") else None
     if warm is not None and console is not None:
         console.print(
             f"the refit continues trial {warm.trial}'s fine-tune ({warm.epochs} epochs, "
@@ -856,6 +992,8 @@ def search_classifier(
         "storage": mask_url(storage),
         "counts": counts,
         "best": best,
+        "refit_trial": None if chosen is None else chosen["number"],
+        "refit_reason": why,
         "search_seconds": search_seconds,
         "refit_seconds": result.seconds,
         "total_seconds": deadline.elapsed(),
