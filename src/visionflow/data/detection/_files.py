@@ -24,8 +24,10 @@ from visionflow.errors import DataError
 __all__ = [
     "MAX_ANNOTATION_BYTES",
     "XmlDocument",
+    "check_links",
     "finite_number",
     "image_sizes",
+    "lexical_under",
     "parse_number",
     "parse_xml",
     "read_annotation_bytes",
@@ -104,29 +106,56 @@ def image_sizes(
         return dict(zip(unique, pool.map(one, unique), strict=True))
 
 
+def lexical_under(base: Path, raw: str, root: Path, where: str) -> Path:
+    """``raw`` joined to ``base`` and normalised (``..`` folded), without touching the disk.
+
+    Backslashes count as separators (annotations written on Windows).
+
+    Raises:
+        DataError: ``raw`` is empty or absolute, or its ``..`` lead out of ``root``.
+    """
+    text = raw.strip().replace("\\", "/")
+    if not text:
+        raise DataError(f"{where}: the image path is empty")
+    if PurePosixPath(text).is_absolute() or PureWindowsPath(text).drive:
+        raise _escape(raw, root, where)
+    candidate = Path(os.path.normpath(base / text))
+    if not candidate.is_relative_to(root):
+        raise _escape(raw, root, where)
+    return candidate
+
+
+def check_links(candidate: Path, raw: str, root: Path, where: str) -> Path:
+    """``candidate`` (inside ``root`` by name) after making sure no symlink leads it out.
+
+    Raises:
+        DataError: Resolving the links leaves ``root``, or they loop.
+    """
+    try:
+        resolved = candidate.resolve()
+    except (OSError, RuntimeError):  # symlink loop
+        raise _escape(raw, root, where) from None
+    if not resolved.is_relative_to(root):
+        raise _escape(raw, root, where)
+    return candidate
+
+
 def resolve_under(base: Path, raw: str, root: Path, where: str) -> Path:
     """Absolute path of ``raw`` relative to ``base``, refusing anything that leaves ``root``.
 
-    Backslashes count as separators (annotations written on Windows). The path need not exist.
+    ``root`` must be resolved (no symlinks in it: the readers resolve it once). The returned path
+    keeps the names as written (links inside the root are not replaced by their targets) and
+    need not exist.
 
     Raises:
         DataError: ``raw`` is empty or absolute, or leads (through ``..`` or a symlink) out of
             ``root``; ``where`` names the file and entry.
     """
-    text = raw.strip().replace("\\", "/")
-    if not text:
-        raise DataError(f"{where}: the image path is empty")
-    escape = DataError(f"{where}: path '{raw}' escapes the dataset root {root}")
-    if PurePosixPath(text).is_absolute() or PureWindowsPath(text).drive:
-        raise escape
-    candidate = Path(os.path.normpath(base / text))
-    try:
-        resolved = candidate.resolve()
-    except (OSError, RuntimeError):  # symlink loop
-        raise escape from None
-    if not candidate.is_relative_to(root) or not resolved.is_relative_to(root.resolve()):
-        raise escape
-    return candidate
+    return check_links(lexical_under(base, raw, root, where), raw, root, where)
+
+
+def _escape(raw: str, root: Path, where: str) -> DataError:
+    return DataError(f"{where}: path '{raw}' escapes the dataset root {root}")
 
 
 def read_annotation_bytes(path: Path, *, limit: int = MAX_ANNOTATION_BYTES) -> bytes:

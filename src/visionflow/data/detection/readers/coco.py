@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from visionflow.data.detection._files import (
+    check_links,
     finite_number,
+    lexical_under,
     read_annotation_bytes,
-    resolve_under,
 )
 from visionflow.data.detection.readers import register_detection_reader
 from visionflow.data.detection.readers._common import (
@@ -255,21 +256,21 @@ def _declared_size(entry: dict[str, Any], where: str) -> tuple[int, int] | None:
 
 
 def _locate(file_name: str, bases: list[Path], root: Path, where: str) -> Path:
-    """The first base under which ``file_name`` exists, else where it would be in the first."""
+    """The first base under which ``file_name`` exists, else where it would be in the first
+    base it does not escape from (names are checked on their own; only the chosen path's links
+    are resolved, the costly part)."""
     valid: list[Path] = []
     first_error: DataError | None = None
     for base in bases:
         try:
-            candidate = resolve_under(base, file_name, root, where)
+            candidate = lexical_under(base, file_name, root, where)
         except DataError as exc:
-            lexical = Path(os.path.normpath(base / file_name.strip().replace("\\", "/")))
-            if lexical.is_relative_to(root) and os.path.lexists(lexical):
-                raise  # a link inside the root that leads out of it: refuse, do not look on
             first_error = first_error or exc
             continue
-        if candidate.is_file():
-            return candidate
+        if os.path.lexists(candidate):
+            # a link inside the root that leads out of it is refused, not looked past
+            return check_links(candidate, file_name, root, where)
         valid.append(candidate)
     if valid:
-        return valid[0]
+        return check_links(valid[0], file_name, root, where)
     raise first_error or DataError(f"{where}: no folder to look for {file_name!r} in")
