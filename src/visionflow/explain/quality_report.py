@@ -234,12 +234,26 @@ def embedding_map_section(result: QualityResult) -> ReportSection:
     )
 
 
+_TITLES = (
+    ("leakage", "Leakage across splits"),
+    ("mislabelled", "Label errors"),
+    ("different labels", "Copies with different labels"),
+    ("duplicates", "Duplicates"),
+    ("outlier", "Outliers"),
+    ("unreadable", "Unreadable files"),
+)
+
+
+def _warning_title(warning: str) -> str:
+    return next((title for key, title in _TITLES if key in warning), "Data quality")
+
+
 def quality_sections(result: QualityResult, thumbs_dir: Path) -> list[ReportSection]:
     """All four sections, preceded by a summary of the warnings and notes."""
     summary = []
     for w in result.warnings:
         level = "warning" if w.startswith("leakage") else "info"
-        summary.append(_finding_html(level, w.split(":")[0] if ":" in w else "data", w))
+        summary.append(_finding_html(level, _warning_title(w), w))
     if result.notes:
         summary.append(
             '<ul class="notes">' + "".join(f"<li>{_esc(n)}</li>" for n in result.notes) + "</ul>"
