@@ -33,6 +33,7 @@ from visionflow.train.device import configure_threads, select_device
 from visionflow.train.recipe import RunResult, train_classifier
 
 if TYPE_CHECKING:
+    from visionflow.explain.cam import Explanation
     from visionflow.export.runtime import BundleModel
 
 __all__ = ["AutoClassifier", "ClassifierModel", "Prediction", "expand_inputs", "load"]
@@ -115,6 +116,27 @@ class ClassifierModel:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         return torch.cat(rows).numpy()
 
+    @torch.inference_mode()
+    def predict_proba_features(
+        self,
+        inputs: ImageInput | Sequence[ImageInput],
+        *,
+        batch_size: int = 32,
+        max_pixels: int = 64_000_000,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities and pooled backbone features (the head's input), one row per
+        input, from one forward pass (active learning needs both)."""
+        probs, feats = [], []
+        for batch, _ in self._batches(as_list(inputs), batch_size, max_pixels):
+            x = batch.to(self.device).contiguous(memory_format=torch.channels_last)
+            features = self.model.features(x)
+            probs.append(torch.softmax(self.model.head(features).float(), dim=1).cpu())
+            feats.append(features.float().cpu())
+        if not probs:
+            dim = int(self.info.get("feature_dim", 0))
+            return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, dim), np.float32)
+        return torch.cat(probs).numpy(), torch.cat(feats).numpy()
+
     def predict(
         self, inputs: ImageInput | Sequence[ImageInput], *, topk: int = 3, batch_size: int = 32
     ) -> list[Prediction]:
@@ -126,6 +148,33 @@ class ClassifierModel:
     def evaluate(self, data: str | Path, *, batch_size: int = 32) -> dict[str, Any]:
         """Metrics on a labelled dataset (same class names); unreadable files are skipped."""
         return evaluate_dataset(self.predict_proba, self.classes, data, batch_size=batch_size)
+
+    def explain(
+        self,
+        inputs: ImageInput | Sequence[ImageInput],
+        *,
+        method: str = "gradcam",
+        target: str | None = None,
+        out_dir: str | Path | None = None,
+        sources: Sequence[str] | None = None,
+        side_by_side: bool = True,
+        batch_size: int = 8,
+    ) -> list[Explanation]:
+        """Class-activation maps (Grad-CAM, ``gradcam++``, ``eigencam``...) of the predictions,
+        or of class ``target``; overlay PNGs go to ``out_dir`` when given. See
+        :func:`visionflow.explain.cam.explain`. The model is left as it was."""
+        from visionflow.explain.cam import explain
+
+        return explain(
+            self,
+            inputs,
+            method=method,
+            target=target,
+            out_dir=out_dir,
+            sources=sources,
+            side_by_side=side_by_side,
+            batch_size=batch_size,
+        )
 
 
 def load(path: str | Path, *, device: str = "auto") -> ClassifierModel | BundleModel:
@@ -241,6 +290,17 @@ class AutoClassifier:
 
     def evaluate(self, data: str | Path) -> dict[str, Any]:
         return self._fitted().evaluate(data)
+
+    def explain(
+        self,
+        inputs: ImageInput | Sequence[ImageInput],
+        *,
+        method: str = "gradcam",
+        target: str | None = None,
+        out_dir: str | Path | None = None,
+    ) -> list[Explanation]:
+        """Class-activation maps of the fitted model (see :meth:`ClassifierModel.explain`)."""
+        return self._fitted().explain(inputs, method=method, target=target, out_dir=out_dir)
 
     def export(
         self, out: str | Path, *, int8: bool = False, fp16: bool = False, overwrite: bool = False

@@ -99,6 +99,14 @@ def train(
     split: Annotated[
         Path | None, typer.Option("--split", help="An existing split (JSON or CSV path,split).")
     ] = None,
+    labels: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--labels",
+            help="A filled-in label CSV (path,label; from `visionflow select`) merged into the "
+            "data; empty labels are skipped (repeatable).",
+        ),
+    ] = None,
     val_fraction: Annotated[float | None, typer.Option(help="Validation share.")] = None,
     test_fraction: Annotated[float | None, typer.Option(help="Test share.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
@@ -176,6 +184,7 @@ def train(
             "balance": balance, "split_file": str(split) if split else None,
             "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
             "device": device,
+            "labels": [str(p.resolve()) for p in labels] if labels else None,
         }  # fmt: skip
         cfg = load_train_config(preset=preset, file=config, overrides=overrides)
         run_dir = out_dir / (name or default_run_name(data))
@@ -453,11 +462,20 @@ def inspect(
     json_out: Annotated[bool, typer.Option("--json", help="Print the JSON report.")] = False,
     min_side: Annotated[int, typer.Option(help="Images smaller than this are flagged.")] = 16,
     min_per_class: Annotated[int, typer.Option(help="Fewest usable images per class.")] = 3,
+    task: Annotated[
+        str, typer.Option(help="classify, or detect for boxes (COCO, VOC, YOLO).")
+    ] = "classify",
 ) -> None:
     """Check a dataset: counts, imbalance, unreadable files, duplicates, label conflicts."""
     from visionflow.data.checks import check_dataset
     from visionflow.data.readers import read_dataset
 
+    if task == "detect":  # boxes clipped/dropped, duplicates, unknown classes, size buckets
+        from visionflow.data.detection.cli import inspect_detection
+
+        return inspect_detection(data, report=report, json_out=json_out, console=out)
+    if task != "classify":
+        raise typer.BadParameter(f"--task is classify or detect, not {task!r}")
     index = read_dataset(data)
     result, _ = check_dataset(
         index, min_side=min_side, min_per_class=min_per_class, progress=not json_out
@@ -543,6 +561,18 @@ def _register_subcommands() -> None:
     from visionflow.serve.rollout_cli import rollout_app
 
     app.add_typer(rollout_app, name="rollout", help="Rollouts on a running server (admin API).")
+    from visionflow.explain.active_cli import select
+
+    app.command()(select)
+    from visionflow.explain.cam_cli import explain
+
+    app.command()(explain)
+    from visionflow.data.detection.cli import convert
+
+    app.command()(convert)
+    from visionflow.explain.clean_cli import clean
+
+    app.command()(clean)
 
 
 _register_subcommands()

@@ -111,7 +111,8 @@ def retrain_from_feedback(
         say(f"  relabelled {line}")
     for line in merged.conflicts[:20]:
         say(f"  [yellow]conflicting feedback[/] {line}")
-    config = TrainConfig(**{**read_json(run / "config.json"), "split_file": None})
+    # the merged data already holds the run's split and its --labels rows (index.json)
+    config = TrainConfig(**{**read_json(run / "config.json"), "split_file": None, "labels": []})
     for key, value in (overrides or {}).items():
         if value is not None:
             setattr(config, key, value)
