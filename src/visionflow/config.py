@@ -74,12 +74,23 @@ class TrainConfig(BaseModel):
             "val accuracy 0.83 frozen vs 0.70 trainable)"
         ),
     )
+    probe_c: float | None = Field(
+        default=None,
+        gt=0,
+        description="the linear probe's inverse L2 strength (default: chosen by cross-validation; "
+        "a search's refit passes the value its trial chose)",
+    )
     patience: int | None = Field(default=5, ge=1)
     grad_clip: float | None = Field(default=1.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     val_fraction: float = Field(default=0.15, ge=0, lt=1)
     test_fraction: float = Field(default=0.15, ge=0, lt=1)
     split_file: str | None = None
+    labels: list[str] = Field(
+        default_factory=list,
+        description="label files (path,label CSVs, e.g. filled in from `visionflow select`) "
+        "merged into the dataset; rows with an empty label are skipped",
+    )
     seed: int = 0
     device: str = "auto"
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
@@ -96,6 +107,12 @@ class TrainConfig(BaseModel):
             return None
         parse_budget(value)  # raises BudgetError with a clear message
         return str(value)
+
+    @field_validator("labels")
+    @classmethod
+    def _absolute_labels(cls, value: list[str]) -> list[str]:
+        # stored in the run's config.json: a resume from another folder must find them
+        return [str(Path(v).expanduser().resolve()) for v in value]
 
     def budget_seconds(self) -> float | None:
         return parse_budget(self.budget)

@@ -142,6 +142,12 @@ def test_search_then_refit(image_folder, tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["search"]["best"]["number"] == result.best["number"]
     assert isinstance(metrics["search"]["refit_trial"], int) and metrics["search"]["refit_reason"]
+    # the refit reuses the chosen trial's probe C instead of cross-validating again
+    assert metrics["search"]["refit_settings"]["probe_c"] > 0
+    assert (
+        next(p for p in metrics["phases"] if p["name"] == "linear probe")["C_selected_by"]
+        == "given"
+    )
     assert set(metrics["splits"]) == {"train", "val", "test"}
     report = (run_dir / "report.html").read_text()
     assert "leaderboard" in report.lower()
@@ -257,18 +263,22 @@ def test_expected_trial_seconds_come_from_finished_trials_of_the_same_kind():
     assert _expected_seconds(rows, {"strategy": "finetune"}) is None  # only a failed one
 
 
-def test_warm_start_only_from_a_fine_tune_that_gave_the_value_and_kept_weights(tmp_path):
+def test_warm_start_from_a_fine_tune_that_kept_its_weights(tmp_path):
     weights = tmp_path / "trials" / "0007" / "model.safetensors"
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"x")
-    info = {"weights": str(weights), "finetune_val": 0.9, "val_loss": 0.3, "epochs": 4}
+    info = {"weights": str(weights), "finetune_val": 0.9, "finetune_loss": 0.3, "epochs": 4}
     best = {"number": 7, "value": 0.9, "info": info, "params": {"strategy": "lpft"}}
     warm = _warm_start(best, tmp_path)
     assert warm is not None
     assert (warm.path, warm.val_accuracy, warm.val_loss, warm.epochs, warm.trial) == (
         weights, 0.9, 0.3, 4, 7
     )  # fmt: skip
-    assert _warm_start({**best, "value": 0.95}, tmp_path) is None  # the probe scored higher
+    # the probe scored higher: the refit still continues the fine-tune (and keeps the better
+    # of its probe and the continued fine-tune), measured against the fine-tune's own score
+    warm = _warm_start({**best, "value": 0.95}, tmp_path)
+    assert warm is not None and warm.val_accuracy == 0.9
+    assert _warm_start({**best, "info": {**info, "finetune_val": None}}, tmp_path) is None
     assert _warm_start({**best, "info": {**info, "weights": None}}, tmp_path) is None
     assert _warm_start({**best, "number": 8}, tmp_path) is None  # no file
     assert _warm_start(None, tmp_path) is None

@@ -89,3 +89,11 @@ def test_time_that_never_runs_out_changes_nothing():
     timed = fit_linear_probe(xtr, ytr, xva, yva, num_classes=3, time_up=lambda: False)
     assert timed.selected_by == "cv" and timed.C == plain.C
     assert torch.equal(timed.weight, plain.weight)
+
+
+def test_a_single_c_is_used_as_given_without_selection():
+    xtr, ytr = _blobs(60, 0)
+    xva, yva = _blobs(30, 1)
+    result = fit_linear_probe(xtr, ytr, xva, yva, num_classes=3, Cs=(0.3,))
+    assert result.C == 0.3 and result.selected_by == "given" and result.scores == []
+    assert result.val_accuracy == 1.0 and result.refit

@@ -27,6 +27,7 @@ def test_trial_reports_the_best_accuracy_so_far_and_keeps_weights_on_request(
     cfg = _cfg(strategy="finetune", epochs=4)
     prepared = prepare_data(image_folder, cfg, run_dir=tmp_path / "run")
     reported: list[tuple[int, float]] = []
+    asked: list[float] = []
 
     def on_epoch(step: int, value: float) -> bool:
         reported.append((step, value))
@@ -38,9 +39,12 @@ def test_trial_reports_the_best_accuracy_so_far_and_keeps_weights_on_request(
         trial_dir=tmp_path / "run" / "trials" / "0000",
         deadline=Deadline(None),
         on_epoch=on_epoch,
-        keep_weights=lambda value: True,
+        keep_weights=lambda value: asked.append(value) or True,
     )
     curve = [acc for _, acc in outcome.curve]
+    assert asked == [outcome.finetune_val]  # asked with the fine-tune's own score
+    assert outcome.finetune_loss is not None
+    assert outcome.info()["finetune_loss"] == outcome.finetune_loss
     assert [s for s, _ in reported] == [1, 2, 3, 4]
     # what the trial would score if stopped after each epoch: the best epoch so far
     assert [v for _, v in reported] == [max(curve[: i + 1]) for i in range(len(curve))]
@@ -73,6 +77,7 @@ def test_a_probe_trial_keeps_no_weights(image_folder, tmp_path):
         keep_weights=lambda value: True,
     )
     assert outcome.value == outcome.probe_val and outcome.weights is None
+    assert outcome.info()["probe_c"] == outcome.probe_c and outcome.probe_c > 0
     assert outcome.val_loss is not None
 
 

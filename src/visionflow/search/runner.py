@@ -402,15 +402,16 @@ class _Objective:
             handle.set_info("note", why)
             raise _TrialNotStarted(why)
         kept = [
-            float(r["value"])
+            float(r["info"]["finetune_val"])
             for r in rows
-            if r["state"] == "complete" and r["value"] is not None and r["info"].get("weights")
+            if r["state"] == "complete"
+            and r["info"].get("weights")
+            and r["info"].get("finetune_val") is not None
         ]
 
-        def keep_weights(value: float) -> bool:
-            # the best fine-tune so far (a tie too: the leaderboard may rank it first on loss);
-            # a probe trial that scored higher does not count: it has no weights to continue
-            return not kept or value >= max(kept)
+        def keep_weights(finetune_val: float) -> bool:
+            # the best fine-tune so far (a tie too: the refit's choice may prefer it)
+            return not kept or finetune_val >= max(kept)
 
         def on_epoch(step: int, value: float) -> bool:
             handle.report(value, step)
@@ -716,21 +717,21 @@ def _refit_choice(
 
 
 def _warm_start(best: dict[str, Any] | None, run_dir: Path) -> WarmStart | None:
-    """The best trial's fine-tuned weights for the refit to continue from, when it kept them."""
+    """The trial's fine-tuned weights for the refit to continue from, when it kept them (also
+    when its probe scored higher: the refit, like the single run, keeps the better of its probe
+    and the continued fine-tune)."""
     from visionflow.train.recipe import WarmStart
 
     if best is None:
         return None
     info = best["info"]
     path = run_dir / "trials" / f"{best['number']:04d}" / "model.safetensors"
-    if not info.get("weights") or not path.is_file() or best["value"] is None:
+    if not info.get("weights") or not path.is_file() or info.get("finetune_val") is None:
         return None
-    if info.get("finetune_val") is None or float(info["finetune_val"]) < float(best["value"]):
-        return None  # the probe gave the value: nothing fine-tuned to continue
     return WarmStart(
         path=path,
-        val_accuracy=float(best["value"]),
-        val_loss=info.get("val_loss"),
+        val_accuracy=float(info["finetune_val"]),
+        val_loss=info.get("finetune_loss"),
         epochs=int(info.get("epochs") or 0),
         trial=int(best["number"]),
     )
@@ -939,6 +940,10 @@ def search_classifier(
     refit_config = _trial_config(config, params, run_dir)
     best_strategy = params.get("strategy")
     refit_config.strategy = "finetune" if best_strategy == "finetune" else "auto"
+    if chosen is not None and chosen["info"].get("probe_c") and "probe_c" not in explicit:
+        # the same probe on the same features: its C is known, the cross-validation is not
+        # paid twice (20 s of a 2-minute refit under load)
+        refit_config.probe_c = float(chosen["info"]["probe_c"])
     refit_config.budget = None if math.isinf(remaining) else f"{max(1.0, remaining):.1f}s"
     if console is not None:
         if chosen is None:

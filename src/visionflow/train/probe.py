@@ -56,8 +56,8 @@ class ProbeResult:
         C: The chosen inverse regularisation strength.
         val_accuracy, val_loss: Of the training-only probe on the validation split.
         cv_accuracy: Mean cross-validated accuracy of the chosen ``C`` on the training split.
-        selected_by: ``"cv"``, ``"val"`` or ``"default"``; ``"cv (k of n folds: time)"`` when
-            the time ran out during the cross-validation.
+        selected_by: ``"cv"``, ``"val"``, ``"given"`` (one ``C`` passed) or ``"default"``;
+            ``"cv (k of n folds: time)"`` when the time ran out during the cross-validation.
         scores: Every ``C`` tried with its selection score.
     """
 
@@ -211,8 +211,8 @@ def fit_linear_probe(
     smallest = min(int(c) for c in np.bincount(y) if c > 0)
     folds = min(cv_folds, smallest)
     scores: list[dict[str, float | None]] = []
-    selected_by = "default"
-    chosen = 1.0
+    selected_by = "given" if len(Cs) == 1 else "default"
+    chosen = float(Cs[0]) if len(Cs) == 1 else 1.0
     cv_accuracy: float | None = None
     if folds >= 2 and len(y) <= CV_MAX_IMAGES and len(Cs) > 1:
         results, ran = _cv_scores(xs, y, Cs, folds, class_weight, seed, max_iter, time_up)

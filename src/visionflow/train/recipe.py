@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +24,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.utils.data import DataLoader
@@ -37,6 +36,7 @@ from visionflow.data.index import DatasetIndex, Split
 from visionflow.data.loading import DecodedImageCache, ImageDataset, balanced_sampler, make_loader
 from visionflow.data.preprocess import Preprocessing
 from visionflow.data.readers import read_dataset
+from visionflow.data.readers.labels import merge_labels
 from visionflow.data.split import load_split, stratified_split
 from visionflow.data.transforms import eval_transform, train_transform
 from visionflow.errors import BudgetError, CheckpointError, DataError
@@ -50,6 +50,11 @@ from visionflow.evaluate.plots import (
 )
 from visionflow.evaluate.report import ReportContext, ReportSection, write_report
 from visionflow.models.backbones import create_backbone, feature_dim
+from visionflow.models.features import (
+    feature_cache_path,
+    load_cached_features,
+    save_cached_features,
+)
 from visionflow.models.heads import LinearHead, TaskModel
 from visionflow.models.onnx_features import OnnxFeatureExtractor, onnx_feature_extractor
 from visionflow.models.tasks.classification import ClassificationTask
@@ -59,7 +64,7 @@ from visionflow.train.callbacks import Callback, RichProgress, StopTraining
 from visionflow.train.checkpoint import load_weights, save_weights
 from visionflow.train.device import configure_threads, cpu_count, select_device
 from visionflow.train.engine import Engine, FitConfig, seed_everything
-from visionflow.train.probe import ProbeResult, fit_linear_probe
+from visionflow.train.probe import DEFAULT_CS, ProbeResult, fit_linear_probe
 
 __all__ = [
     "Prepared",
@@ -111,14 +116,6 @@ class _Run:
         state = self.state()
         state.update(values)
         atomic_write_json(self.path(_STATE), state)
-
-
-def _file_stamp(path: Path) -> tuple[int, int]:
-    try:
-        st = path.stat()
-    except OSError:
-        return (-1, -1)
-    return (st.st_size, st.st_mtime_ns)
 
 
 def _fingerprint(index: DatasetIndex) -> str:
@@ -175,9 +172,17 @@ class TrialOutcome:
     note: str | None = None
     #: Validation loss of the part that gave ``value`` (ties on a small validation split).
     val_loss: float | None = None
-    #: The fine-tuned weights, saved when the trial's fine-tune gave its value and
-    #: ``keep_weights`` asked for them (the refit continues from them).
+    #: The probe's chosen inverse L2 strength (a refit of the trial's settings reuses it).
+    probe_c: float | None = None
+    #: Validation loss of the fine-tune (with ``finetune_val``, what a refit continuing the
+    #: trial's weights must beat).
+    finetune_loss: float | None = None
+    #: The fine-tuned weights, saved when ``keep_weights`` asked for them (the refit may
+    #: continue from them).
     weights: Path | None = None
+    #: Images per second of the trial's frozen feature pass (``None`` when the features came
+    #: from the cache): what the search compares backbones' costs by.
+    feature_ips: float | None = None
 
     def info(self) -> dict[str, Any]:
         return {
@@ -189,7 +194,10 @@ class TrialOutcome:
             "train_images": self.train_images,
             "seconds": round(self.seconds, 3),
             **({"val_loss": self.val_loss} if self.val_loss is not None else {}),
+            **({"probe_c": self.probe_c} if self.probe_c is not None else {}),
+            **({"finetune_loss": self.finetune_loss} if self.finetune_loss is not None else {}),
             **({"weights": str(self.weights)} if self.weights is not None else {}),
+            **({"feature_ips": round(self.feature_ips, 3)} if self.feature_ips else {}),
             **({"note": self.note} if self.note else {}),
         }
 
@@ -302,6 +310,11 @@ class _Pipeline:
             return
         t0 = time.monotonic()
         raw = read_dataset(data)
+        merged = merge_labels(raw, cfg.labels) if cfg.labels else None  # visionflow select
+        if merged is not None:
+            raw = merged.index
+            atomic_write_json(run.path("labels.json"), merged.to_json())
+            _log(self.console, escape(merged.summary()))  # file names may hold [brackets]
         report, clean = check_dataset(
             raw,
             min_per_class=cfg.min_per_class,
@@ -316,6 +329,8 @@ class _Pipeline:
             clean = clean.subset([i for i, s in enumerate(clean.samples) if s.label is not None])
         if cfg.split_file:
             split = load_split(cfg.split_file, clean)
+            if merged is not None:  # rows the split file predates go to train
+                split = merged.complete_split(split, clean)
         else:
             split = stratified_split(
                 clean,
@@ -470,35 +485,28 @@ class _Pipeline:
         return 1.0 / speed if speed else 0.05
 
     # --------------------------------------------------------------- probe
-    def features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen features of a split, cached in the run (keyed by model, weights and data)."""
-        samples = [self.index.samples[i] for i in self.split[split]]
-        key_src = json.dumps(
-            {
-                "backbone": self.config.backbone,
-                "weights": self.weights.sha256 or self.weights.source,
-                "pre": self.preprocessing.to_json(),
-                "classes": self.index.classes,
-                # a changed or replaced file changes its size or modification time
-                "samples": [[s.path.as_posix(), s.label, *_file_stamp(s.path)] for s in samples],
-            }
-        )
-        key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
+    def _feature_path(self, split: str) -> Path:
+        """The split's cache entry (keyed by model, weights, preprocessing and data)."""
         cache_dir = (
             Path(self.config.feature_cache).expanduser()
             if self.config.feature_cache
             else self.run.path("features")
         )
-        path = cache_dir / f"{self.config.backbone}-{key}.safetensors"
-        if path.is_file():
-            from safetensors.torch import load_file
+        samples = [self.index.samples[i] for i in self.split[split]]
+        return feature_cache_path(cache_dir, self.config.backbone, self.weights,
+                                  self.preprocessing, self.index.classes, samples)  # fmt: skip
 
-            try:
-                cached = load_file(str(path))
-                self.feature_cache_hits += 1
-                return cached["features"], cached["targets"]
-            except Exception:  # a damaged cache entry is recomputed, never trusted
-                path.unlink(missing_ok=True)
+    def cached_features(self, split: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The split's frozen features if they are already cached (no forward pass), else None."""
+        return load_cached_features(self._feature_path(split))
+
+    def features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen features of a split, cached in the run (keyed by model, weights and data)."""
+        path = self._feature_path(split)
+        cached = load_cached_features(path)
+        if cached is not None:
+            self.feature_cache_hits += 1
+            return cached
         loader = self.loader(split, augment=False)
         total = len(loader.dataset)  # type: ignore[arg-type]
         onnx = self._onnx_extractor()
@@ -521,13 +529,7 @@ class _Pipeline:
                     step(n)
 
                 feats, targets = self._engine(extractor, fit).predict(loader, on_batch=on_batch)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        from safetensors.torch import save_file
-
-        # written under a unique name, then renamed: workers sharing a cache never see half a file
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"features": feats.contiguous(), "targets": targets.contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        save_cached_features(path, feats, targets)
         return feats, targets
 
     def _check_trial_time(self) -> None:
@@ -579,6 +581,7 @@ class _Pipeline:
             class_weight="balanced" if self.balance != "none" else None,
             seed=self.config.seed,
             time_up=self._probe_time_up(),
+            Cs=(self.config.probe_c,) if self.config.probe_c else DEFAULT_CS,
         )
         n = len(xtr) + len(xva)
         # features read from the cache say nothing about the network's speed
@@ -969,6 +972,15 @@ def train_classifier(
     if chosen == "finetune" and alpha < 1.0:
         kept += f", weights {alpha:g} fine-tuned + {1 - alpha:g} pretrained/probe"
     extra = report_sections() if report_sections is not None else []
+    from visionflow.explain.cam import run_gallery_section  # never fails; skipped past deadline
+
+    shown = "test" if "test" in outputs else "val"
+    samples = [pipe.index.samples[i] for i in pipe.split[shown]]
+    gallery = run_gallery_section(
+        model, pipe.index.classes, pipe.preprocessing, pipe.device, samples, outputs[shown][0],
+        run.path("cam_gallery"), expired=deadline.expired, split=shown, console=console,
+    )  # fmt: skip
+    extra = [*extra, gallery, *_data_quality(pipe, findings)]
     report_path = _write_report(pipe, run, metrics, outputs, findings, kept, seconds, extra)
     run.update_state(stage="done", elapsed=seconds)
     return RunResult(
@@ -1043,9 +1055,9 @@ def run_trial(
 
     ``on_epoch(epoch, val_accuracy)`` is called after every fine-tune epoch (from 1) with the
     best validation accuracy of the fine-tune so far; when it returns True the fine-tune stops
-    and the outcome is marked ``pruned``. ``keep_weights(value)`` is asked, when the fine-tune
-    gave the trial's value, whether to save its weights as ``model.safetensors`` in
-    ``trial_dir`` (the search keeps those of its best trial for the refit to continue).
+    and the outcome is marked ``pruned``. ``keep_weights(finetune_val)`` is asked, when the
+    fine-tune ran and was not pruned, whether to save its weights as ``model.safetensors``
+    in ``trial_dir`` (the search keeps those of its best fine-tune for the refit to continue).
     ``config.strategy`` ``auto`` runs like ``lpft``. The value is the better of the probe's
     and the fine-tune's validation accuracy (what the refit, which keeps the better of the
     two, would get).
@@ -1078,13 +1090,14 @@ def run_trial(
     from_ft = ft_val is not None and value == ft_val and (probe_val is None or ft_val > probe_val)
     val_loss = (summary or {}).get("val_loss") if from_ft else getattr(probe, "val_loss", None)
     weights = None
+    # kept even when the probe gave the value: an LP-FT a few epochs in is often still below
+    # its own probe, and the refit continuing it is what the single run would have done
     if (
-        from_ft
-        and model is not None
-        and value is not None
+        model is not None
+        and ft_val is not None
         and not reporter.pruned
         and keep_weights is not None
-        and keep_weights(value)
+        and keep_weights(ft_val)
     ):
         weights = run.path("model.safetensors")
         save_weights(weights, model)
@@ -1100,8 +1113,25 @@ def run_trial(
         pruned=reporter.pruned,
         note=note,
         val_loss=None if val_loss is None else float(val_loss),
+        finetune_loss=(summary or {}).get("val_loss"),
+        probe_c=None if probe is None else float(probe.C),
         weights=weights,
+        feature_ips=getattr(pipe, "images_per_second", None),
     )
+
+
+def _data_quality(pipe: _Pipeline, findings: list[Any]) -> list[ReportSection]:
+    """Data-quality sections (label suspects, duplicates and leakage, outliers, map) from the
+    run's cached probe features: no forward pass, skipped past the deadline, never fails."""
+    from visionflow.explain.quality_report import run_quality_report
+
+    quality = run_quality_report(pipe.index, pipe.split, pipe.cached_features,
+                                 pipe.run.path("quality"), expired=pipe.deadline.expired(),
+                                 console=pipe.console)  # fmt: skip
+    findings.extend(quality.findings)
+    if quality.result is not None:
+        pipe.phases.append({"name": "data quality", "seconds": quality.seconds})
+    return quality.sections
 
 
 def _write_report(
