@@ -36,7 +36,7 @@ from typing import Any
 
 from visionflow._io import sha256_file
 from visionflow.data.index import DatasetIndex, Sample, Split
-from visionflow.data.readers.csv import LABEL_COLUMNS, PATH_COLUMNS
+from visionflow.data.readers.csv import LABEL_COLUMNS, PATH_COLUMNS, _delimiter, _find_column
 from visionflow.errors import DataError
 
 __all__ = ["LabelMerge", "merge_labels"]
@@ -154,8 +154,8 @@ def _read_rows(file: Path, classes: list[str]) -> tuple[list[_Row], list[str]]:
     if not lines:
         raise DataError(f"{file} is empty; expected a header row with path and label columns")
     header = [c.strip().lower() for c in lines[0][1]]
-    path_col = _column(header, PATH_COLUMNS, "path", file, lines[0][1])
-    label_col = _column(header, LABEL_COLUMNS, "label", file, lines[0][1])
+    path_col = _find_column(header, PATH_COLUMNS, "path", file, lines[0][1])
+    label_col = _find_column(header, LABEL_COLUMNS, "label", file, lines[0][1])
     needed = max(path_col, label_col) + 1
     rows: list[_Row] = []
     empty: list[str] = []
@@ -195,28 +195,6 @@ def _resolve(raw: str, base: Path, where: str) -> Path:
     if not path.is_file():
         raise DataError(f"{where}: '{raw}' is not a regular file ({path})")
     return path
-
-
-def _delimiter(file: Path, sample: str) -> str:
-    if file.suffix.lower() == ".tsv":
-        return "\t"
-    head = "\n".join(sample.splitlines()[:20])
-    try:
-        return csv.Sniffer().sniff(head, delimiters=",;\t|").delimiter
-    except csv.Error:
-        return ","
-
-
-def _column(
-    header: list[str], names: tuple[str, ...], what: str, file: Path, raw: list[str]
-) -> int:
-    for name in names:
-        if name in header:
-            return header.index(name)
-    raise DataError(
-        f"{file}: no {what} column; expected one of {', '.join(names)} in the header row, "
-        f"found: {', '.join(repr(c) for c in raw) or 'none'}"
-    )
 
 
 def merge_labels(index: DatasetIndex, label_files: Sequence[str | os.PathLike[str]]) -> LabelMerge:
