@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from visionflow._io import atomic_write_json, sha256_file
+from visionflow._progress import transient_bar
 from visionflow.data.images import DEFAULT_MAX_PIXELS, ImageInfo, inspect_image
 from visionflow.data.index import DatasetIndex
 from visionflow.errors import ConfigError, DataError, ImageDecodeError
@@ -385,14 +385,7 @@ def _bar(enabled: bool, total: int) -> Iterator[Any]:
     if not enabled:
         yield lambda: None
         return
-    bar = Progress(
-        TextColumn("checking images"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
+    bar = transient_bar(Console(stderr=True), label="checking images", remaining=False)
     with bar:
         task = bar.add_task("check", total=total)
         yield lambda: bar.advance(task)

@@ -40,9 +40,10 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from visionflow._io import atomic_write, atomic_write_json
+from visionflow._progress import transient_bar
 from visionflow.data.checks import BadFile, DataReport, check_dataset
 from visionflow.data.images import DEFAULT_MAX_PIXELS, load_image
 from visionflow.data.index import SPLIT_NAMES, DatasetIndex, Sample, Split
@@ -963,14 +964,7 @@ def _stages(enabled: bool) -> Iterator[_Stages]:
     if not enabled:
         yield _Stages(None)
         return
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
+    bar = transient_bar(Console(stderr=True), remaining=False)
     with bar:
         yield _Stages(bar)
 

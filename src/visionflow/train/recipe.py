@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.utils.data import DataLoader
 
 from visionflow._io import atomic_write_json, read_json
+from visionflow._progress import transient_bar
 from visionflow.config import TrainConfig
 from visionflow.data.checks import check_dataset
 from visionflow.data.index import DatasetIndex, Split
@@ -247,14 +247,7 @@ def _progress(
     if not enabled or console is None:
         yield lambda n: None
         return
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
+    with transient_bar(console) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
 
