@@ -98,7 +98,6 @@ class ClassifierModel:
                 names.append(name)
             yield torch.stack(tensors), names
 
-    @torch.inference_mode()
     def predict_proba(
         self,
         inputs: ImageInput | Sequence[ImageInput],
@@ -107,14 +106,8 @@ class ClassifierModel:
         max_pixels: int = 64_000_000,
     ) -> np.ndarray:
         """Class probabilities, one row per input (columns in :attr:`classes` order)."""
-        items = as_list(inputs)
-        rows = []
-        for batch, _ in self._batches(items, batch_size, max_pixels):
-            x = batch.to(self.device).contiguous(memory_format=torch.channels_last)
-            rows.append(torch.softmax(self.model(x).float(), dim=1).cpu())
-        if not rows:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
-        return torch.cat(rows).numpy()
+        probs, _ = self.predict_proba_features(inputs, batch_size=batch_size, max_pixels=max_pixels)
+        return probs
 
     @torch.inference_mode()
     def predict_proba_features(
