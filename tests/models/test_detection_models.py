@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 from torchvision.ops import box_iou
 
+from visionflow.data.detection.records import DetectionSample
+from visionflow.data.detection.transforms import (
+    DetectionDataset,
+    collate_detection,
+    detection_train_transform,
+)
 from visionflow.data.preprocess import Preprocessing
 from visionflow.errors import ConfigError, WeightsError
 from visionflow.models.backbones import create_backbone
@@ -275,3 +282,33 @@ def test_packaged_imagenet_weights_load_into_every_detector() -> None:
         with torch.inference_mode():
             out = model([torch.rand(3, 100, 128)])
         assert bool(out[0]["boxes"].isfinite().all())
+
+
+@pytest.mark.parametrize("name", DETECTORS)
+def test_detection_dataset_batches_feed_the_detectors(name: str, tmp_path: Path) -> None:
+    from PIL import Image
+
+    paths = []
+    for i, (w, h) in enumerate([(120, 90), (80, 110)]):
+        img = Image.new("RGB", (w, h), (40, 40, 40))
+        img.paste((220, 30, 30), (10, 10, 60, 50))
+        path = tmp_path / f"img{i}.png"
+        img.save(path)
+        paths.append((path, w, h))
+    samples = [
+        DetectionSample(
+            path=p, width=w, height=h, boxes=((10.0, 10.0, 60.0, 50.0),), labels=("red",)
+        )
+        for p, w, h in paths
+    ]
+    dataset = DetectionDataset(
+        samples, ["red", "blue"], detection_train_transform(96, photometric=0.0), seed=0
+    )
+    images, targets = collate_detection([dataset[0], dataset[1]])
+    model = _tiny(name)
+    losses = model.train()(images, targets)
+    assert set(losses) == LOSS_KEYS[name]
+    assert all(math.isfinite(v.item()) for v in losses.values())
+    with torch.inference_mode():
+        out = model.eval()(images)
+    assert [d["boxes"].shape[1] for d in out] == [4, 4]
