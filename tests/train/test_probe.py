@@ -80,6 +80,8 @@ def test_choice_of_c_stops_when_time_is_up():
     xtr, ytr = _blobs(3, 0)  # no folds: C chosen on validation, stopped after the first C
     result = fit_linear_probe(xtr, ytr, xva, yva, num_classes=3, time_up=lambda: True)
     assert result.selected_by == "val" and len(result.scores) == 1
+    # tried middle out: the first C is the one nearest the middle of the range, not its end
+    assert result.scores[0]["C"] in (0.1, 0.3) and result.scores[0]["C"] == result.C
 
 
 def test_time_that_never_runs_out_changes_nothing():

@@ -225,7 +225,10 @@ def fit_linear_probe(
         ]
     elif has_val and xv is not None and yv is not None and len(Cs) > 1:
         best_key: tuple[float, float] | None = None
-        for c in Cs:
+        # middle out: when the time cap stops the loop early, the values tried are the ones
+        # most often chosen, not only the strongest regularisation
+        middle = float(np.median(np.log(Cs)))
+        for c in sorted(Cs, key=lambda c: abs(float(np.log(c)) - middle)):
             if best_key is not None and time_up is not None and time_up():
                 break
             w, b = _fold(
