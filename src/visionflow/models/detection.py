@@ -601,12 +601,11 @@ def _no_background_logits(
 _ZERO = torch.tensor([0])
 
 
-def _retinanet_class() -> type[nn.Module]:
-    from torchvision.models.detection import RetinaNet
+def _without_background(base: type[nn.Module]) -> type[nn.Module]:
+    """``base`` (torchvision's RetinaNet or FCOS: both score class 0 with a sigmoid like any
+    other) with detections that never carry the background label 0."""
 
-    class _RetinaNet(RetinaNet):
-        """RetinaNet whose detections never carry the background label 0."""
-
+    class _NoBackground(base):  # type: ignore[valid-type,misc]
         def postprocess_detections(
             self,
             head_outputs: dict[str, list[torch.Tensor]],
@@ -617,26 +616,8 @@ def _retinanet_class() -> type[nn.Module]:
                 _no_background_logits(head_outputs), anchors, image_shapes
             )
 
-    return _RetinaNet
-
-
-def _fcos_class() -> type[nn.Module]:
-    from torchvision.models.detection import FCOS
-
-    class _FCOS(FCOS):
-        """FCOS whose detections never carry the background label 0."""
-
-        def postprocess_detections(
-            self,
-            head_outputs: dict[str, list[torch.Tensor]],
-            anchors: list[list[torch.Tensor]],
-            image_shapes: list[tuple[int, int]],
-        ) -> list[dict[str, torch.Tensor]]:
-            return super().postprocess_detections(
-                _no_background_logits(head_outputs), anchors, image_shapes
-            )
-
-    return _FCOS
+    _NoBackground.__name__ = _NoBackground.__qualname__ = base.__name__
+    return _NoBackground
 
 
 # ----------------------------------------------------------------------------- detectors
@@ -703,7 +684,7 @@ def _retinanet(opts: _Options) -> tuple[nn.Module, DetectorSpec]:
     """RetinaNet; anchors 4x the stride at three octave scales and three aspect ratios
     (torchvision's own: 32-512 px on strides 8-128)."""
     from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.retinanet import RetinaNetHead
+    from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 
     backbone, body, frozen, trainable, out_indices = _p3_p7(opts)
     strides = [*body.strides, body.strides[-1] * 2, body.strides[-1] * 4]
@@ -713,7 +694,7 @@ def _retinanet(opts: _Options) -> tuple[nn.Module, DetectorSpec]:
         opts.fpn_channels, anchors.num_anchors_per_location()[0], opts.num_classes + 1
     )
     mean, std = _mean_std(body, opts.weights)
-    model = _retinanet_class()(
+    model = _without_background(RetinaNet)(
         backbone,
         num_classes=opts.num_classes + 1,
         min_size=opts.min_size,
@@ -738,7 +719,7 @@ def _fcos(opts: _Options) -> tuple[nn.Module, DetectorSpec]:
     """FCOS: one anchor point per location, its size the level's stride (torchvision's rule);
     the objects each level is responsible for follow from FCOS's own size ranges."""
     from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.fcos import FCOSHead
+    from torchvision.models.detection.fcos import FCOS, FCOSHead
 
     backbone, body, frozen, trainable, out_indices = _p3_p7(opts)
     strides = [*body.strides, body.strides[-1] * 2, body.strides[-1] * 4]
@@ -748,7 +729,7 @@ def _fcos(opts: _Options) -> tuple[nn.Module, DetectorSpec]:
     head = FCOSHead(opts.fpn_channels, 1, opts.num_classes + 1)
     _safe_group_norms(head)
     mean, std = _mean_std(body, opts.weights)
-    model = _fcos_class()(
+    model = _without_background(FCOS)(
         backbone,
         num_classes=opts.num_classes + 1,
         min_size=opts.min_size,
