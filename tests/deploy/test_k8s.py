@@ -27,8 +27,7 @@ from visionflow.deploy.k8s import NOT_APPLIED
 from visionflow.errors import BudgetError, ConfigError
 
 kubernetes = pytest.importorskip("kubernetes")
-from kubernetes.client import ApiClient  # noqa: E402
-from kubernetes.client import models as k8s_models  # noqa: E402
+from k8s_schema import SchemaError, validator  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,63 +41,7 @@ _MODELS = {
     ("apps/v1", "StatefulSet"): "V1StatefulSet",
     ("batch/v1", "Job"): "V1Job",
 }
-_LIST = re.compile(r"^(?:List\[|list\[)(.*)\]$")
-_DICT = re.compile(r"^(?:Dict\[str, |dict\(str, )(.*)[\])]$")
-
-
-class SchemaError(ValueError):
-    """A document has a field the Kubernetes API does not know, or a value of the wrong type."""
-
-
-def _check_fields(value: Any, type_name: str, path: str) -> None:
-    """Walk ``value`` along the model's declared types; unknown keys and wrong types fail."""
-    if (m := _LIST.match(type_name)) is not None:
-        if not isinstance(value, list):
-            raise SchemaError(f"{path}: expected a list, got {value!r}")
-        for i, item in enumerate(value):
-            _check_fields(item, m.group(1), f"{path}[{i}]")
-        return
-    if (m := _DICT.match(type_name)) is not None:
-        if not isinstance(value, dict):
-            raise SchemaError(f"{path}: expected a mapping, got {value!r}")
-        for key, item in value.items():
-            _check_fields(item, m.group(1), f"{path}.{key}")
-        return
-    primitive = {"str": str, "int": int, "float": (int, float), "bool": bool, "datetime": str}
-    if type_name == "object":  # IntOrString and friends: the model checks them
-        return
-    if type_name in primitive:
-        ok = isinstance(value, primitive[type_name]) and not (
-            type_name in {"int", "float"} and isinstance(value, bool)
-        )
-        if not ok:
-            raise SchemaError(f"{path}: expected {type_name}, got {value!r}")
-        return
-    model = getattr(k8s_models, type_name)
-    if not isinstance(value, dict):
-        raise SchemaError(f"{path}: expected a {type_name} mapping, got {value!r}")
-    by_json_key = {json_key: attr for attr, json_key in model.attribute_map.items()}
-    for key, item in value.items():
-        if key not in by_json_key:
-            raise SchemaError(f"{path}: {type_name} has no field {key!r}")
-        _check_fields(item, model.openapi_types[by_json_key[key]], f"{path}.{key}")
-
-
-def validate(doc: dict[str, Any]) -> Any:
-    """Check ``doc`` against the Kubernetes API schema; returns the client model object.
-
-    Raises:
-        SchemaError: unknown kind, unknown field or wrong type.
-        ValueError: the model rejects it (a required field missing, a wrong type).
-    """
-    key = (doc.get("apiVersion"), doc.get("kind"))
-    if key not in _MODELS:
-        raise SchemaError(f"unknown apiVersion/kind {key}")
-    model_name = _MODELS[key]
-    _check_fields(doc, model_name, str(doc["kind"]))
-    obj = ApiClient()._ApiClient__deserialize(doc, model_name)
-    assert type(obj).__name__ == model_name
-    return obj
+validate = validator(_MODELS)
 
 
 # --------------------------------------------------------------------------- helpers

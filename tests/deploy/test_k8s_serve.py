@@ -24,8 +24,7 @@ from visionflow.deploy.k8s import (
 from visionflow.errors import ConfigError
 
 kubernetes = pytest.importorskip("kubernetes")
-from kubernetes.client import ApiClient  # noqa: E402
-from kubernetes.client import models as k8s_models  # noqa: E402
+from k8s_schema import SchemaError, validator  # noqa: E402
 
 _MODELS = {
     ("v1", "Service"): "V1Service",
@@ -33,55 +32,7 @@ _MODELS = {
     ("apps/v1", "Deployment"): "V1Deployment",
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "V2HorizontalPodAutoscaler",
 }
-_LIST = re.compile(r"^(?:List\[|list\[)(.*)\]$")
-_DICT = re.compile(r"^(?:Dict\[str, |dict\(str, )(.*)[\])]$")
-
-
-class SchemaError(ValueError):
-    """A field the Kubernetes API does not know, or a value of the wrong type."""
-
-
-def _check_fields(value: Any, type_name: str, path: str) -> None:
-    if (m := _LIST.match(type_name)) is not None:
-        if not isinstance(value, list):
-            raise SchemaError(f"{path}: expected a list, got {value!r}")
-        for i, item in enumerate(value):
-            _check_fields(item, m.group(1), f"{path}[{i}]")
-        return
-    if (m := _DICT.match(type_name)) is not None:
-        if not isinstance(value, dict):
-            raise SchemaError(f"{path}: expected a mapping, got {value!r}")
-        for key, item in value.items():
-            _check_fields(item, m.group(1), f"{path}.{key}")
-        return
-    primitive = {"str": str, "int": int, "float": (int, float), "bool": bool, "datetime": str}
-    if type_name == "object":
-        return
-    if type_name in primitive:
-        ok = isinstance(value, primitive[type_name]) and not (
-            type_name in {"int", "float"} and isinstance(value, bool)
-        )
-        if not ok:
-            raise SchemaError(f"{path}: expected {type_name}, got {value!r}")
-        return
-    model = getattr(k8s_models, type_name)
-    if not isinstance(value, dict):
-        raise SchemaError(f"{path}: expected a {type_name} mapping, got {value!r}")
-    by_json_key = {json_key: attr for attr, json_key in model.attribute_map.items()}
-    for key, item in value.items():
-        if key not in by_json_key:
-            raise SchemaError(f"{path}: {type_name} has no field {key!r}")
-        _check_fields(item, model.openapi_types[by_json_key[key]], f"{path}.{key}")
-
-
-def validate(doc: dict[str, Any]) -> Any:
-    key = (doc.get("apiVersion"), doc.get("kind"))
-    if key not in _MODELS:
-        raise SchemaError(f"unknown apiVersion/kind {key}")
-    _check_fields(doc, _MODELS[key], str(doc["kind"]))
-    obj = ApiClient()._ApiClient__deserialize(doc, _MODELS[key])
-    assert type(obj).__name__ == _MODELS[key]
-    return obj
+validate = validator(_MODELS)
 
 
 IMAGE = "registry.example.com/visionflow-serve:0.1.0"
