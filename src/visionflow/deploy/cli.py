@@ -118,17 +118,7 @@ def tune(
         note = "  (not applied: helper for kubectl cp)" if path.name in NOT_APPLIED else ""
         _out.print(f"wrote {escape(str(path))}{note}", highlight=False, soft_wrap=True)
     ns = f" -n {shlex.quote(namespace)}" if namespace else ""
-    directory = shlex.quote(str(target))
-    _out.print("")
-    _out.print("next:", highlight=False)
-    _out.print(
-        f"  docker build -f {directory}/Dockerfile -t {shlex.quote(image)} . && "
-        f"docker push {shlex.quote(image)}   # in the visionflow source tree",
-        highlight=False,
-        soft_wrap=True,
-    )
-    _out.print(f"  kubectl apply -k {directory}", highlight=False, soft_wrap=True)
-    _out.print(f"  kubectl logs{ns} -f job/{name}-coordinator", highlight=False, soft_wrap=True)
+    _next_steps(target, "Dockerfile", image, f"kubectl logs{ns} -f job/{name}-coordinator")
     if namespace:
         _err.print(
             f"[yellow]note:[/] the namespace {escape(namespace)!s} must exist "
@@ -201,17 +191,7 @@ def serve(
     for path in written:
         _out.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)
     ns = f" -n {shlex.quote(namespace)}" if namespace else ""
-    directory = shlex.quote(str(out_dir))
-    _out.print("")
-    _out.print("next:", highlight=False)
-    _out.print(
-        f"  docker build -f {directory}/Dockerfile.serve -t {shlex.quote(image)} . && "
-        f"docker push {shlex.quote(image)}   # in the visionflow source tree",
-        highlight=False,
-        soft_wrap=True,
-    )
-    _out.print(f"  kubectl apply -k {directory}", highlight=False, soft_wrap=True)
-    _out.print(f"  kubectl rollout status{ns} deployment/{name}", highlight=False, soft_wrap=True)
+    _next_steps(out_dir, "Dockerfile.serve", image, f"kubectl rollout status{ns} deployment/{name}")
     if db_secret is None and max_replicas > 1:
         _err.print(
             "[yellow]note:[/] several replicas share the registry volume; give --db-secret "
@@ -219,3 +199,18 @@ def serve(
             highlight=False,
             soft_wrap=True,
         )
+
+
+def _next_steps(directory: Path, dockerfile: str, image: str, watch: str) -> None:
+    """Print what to run after writing manifests: build and push the image, apply, watch."""
+    folder = shlex.quote(str(directory))
+    _out.print("")
+    _out.print("next:", highlight=False)
+    _out.print(
+        f"  docker build -f {folder}/{dockerfile} -t {shlex.quote(image)} . && "
+        f"docker push {shlex.quote(image)}   # in the visionflow source tree",
+        highlight=False,
+        soft_wrap=True,
+    )
+    _out.print(f"  kubectl apply -k {folder}", highlight=False, soft_wrap=True)
+    _out.print(f"  {watch}", highlight=False, soft_wrap=True)

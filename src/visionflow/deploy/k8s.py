@@ -198,11 +198,7 @@ def tune_manifests(
     db_host = f"{name}-postgres"
 
     def meta(obj_name: str, component: str) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": obj_name}
-        if namespace is not None:
-            out["namespace"] = namespace
-        out["labels"] = _labels(name, component)
-        return out
+        return _meta(obj_name, name, component, namespace)
 
     files: dict[str, list[dict[str, Any]]] = {}
 
@@ -510,6 +506,15 @@ def _labels(name: str, component: str) -> dict[str, str]:
         "app.kubernetes.io/component": component,
         "app.kubernetes.io/managed-by": "visionflow",
     }
+
+
+def _meta(obj_name: str, app: str, component: str, namespace: str | None) -> dict[str, Any]:
+    """An object's metadata: its name, the namespace when given, the app's labels."""
+    out: dict[str, Any] = {"name": obj_name}
+    if namespace is not None:
+        out["namespace"] = namespace
+    out["labels"] = _labels(app, component)
+    return out
 
 
 def _claim(
@@ -969,11 +974,7 @@ def serve_manifests(
     claim_name = registry_claim or f"{name}-registry"
 
     def meta(obj_name: str, component: str) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": obj_name}
-        if namespace is not None:
-            out["namespace"] = namespace
-        out["labels"] = _labels(name, component)
-        return out
+        return _meta(obj_name, name, component, namespace)
 
     files: dict[str, list[dict[str, Any]]] = {}
     if registry_claim is None:
