@@ -18,6 +18,7 @@ from visionflow.data.images import IMAGE_EXTENSIONS, load_image, load_image_byte
 from visionflow.errors import DataError
 
 __all__ = [
+    "Detections",
     "ImageInput",
     "Prediction",
     "as_list",
@@ -46,6 +47,45 @@ class Prediction:
             "label": self.label,
             "probability": self.probability,
             "topk": [{"label": lbl, "probability": p} for lbl, p in self.topk],
+        }
+
+
+@dataclass(frozen=True)
+class Detections:
+    """One image's detections, strongest first.
+
+    Attributes:
+        source: Where the image came from (a path, or ``"<bytes>"``/``"<image 3>"``).
+        width: The image's width in pixels (boxes are in this image's pixels).
+        height: The image's height in pixels.
+        boxes: ``N x 4`` float ``(x1, y1, x2, y2)`` in the input image's pixels.
+        scores: ``N`` confidences in ``[0, 1]``.
+        labels: ``N`` class names.
+    """
+
+    source: str
+    width: int
+    height: int
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "width": self.width,
+            "height": self.height,
+            "detections": [
+                {
+                    "label": label,
+                    "score": round(float(score), 6),
+                    "box": [round(float(v), 2) for v in box],
+                }
+                for box, score, label in zip(self.boxes, self.scores, self.labels, strict=True)
+            ],
         }
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "build_detector",
     "detector_info",
     "list_detectors",
+    "rebuild_detector",
     "register_detector",
 ]
 
@@ -258,6 +259,57 @@ def detector_info(model: nn.Module) -> dict[str, Any]:
     info.update(_live_thresholds(model))
     info["parameters"] = sum(p.numel() for p in model.parameters())
     return info
+
+
+def rebuild_detector(info: Mapping[str, Any]) -> nn.Module:
+    """An untrained detector of the architecture ``info`` describes, ready for its weights.
+
+    ``info`` is what :func:`detector_info` returned for the trained model (it is stored as
+    ``model.json["detector"]`` in runs and bundles). The backbone is built without ImageNet
+    weights (the trained state dict replaces every tensor) and in eval mode; frozen and ordinary
+    BatchNorm compute the same function in eval mode and have the same state-dict keys, so
+    ``load_weights(path, rebuild_detector(info))`` restores the trained model exactly.
+
+    Raises:
+        ConfigError: ``info`` lacks a key or names an unknown detector or backbone.
+    """
+    try:
+        model = build_detector(
+            str(info["name"]),
+            backbone=str(info["backbone"]),
+            num_classes=int(info["num_classes"]),
+            img_size=int(info["img_size"]),
+            min_size=int(info["min_size"]),
+            max_size=int(info["max_size"]),
+            score_thresh=float(info["score_thresh"]),
+            nms_thresh=float(info["nms_thresh"]),
+            detections_per_img=int(info["detections_per_img"]),
+            fpn_channels=int(info.get("fpn_channels") or 128),
+        )
+    except KeyError as exc:
+        raise ConfigError(f"detector description lacks the key {exc.args[0]!r}") from None
+    # the rebuilt spec must describe the trained model (its normalisation and provenance)
+    spec = replace(
+        getattr(model, _SPEC_ATTR),
+        mean=tuple(info["mean"]),
+        std=tuple(info["std"]),
+        weights=info.get("weights"),
+        trainable_layers=int(info.get("trainable_layers", 0)),
+        frozen_bn=bool(info.get("frozen_bn", False)),
+    )
+    setattr(model, _SPEC_ATTR, spec)
+    _set_normalisation(model, spec.mean, spec.std)
+    return model.eval()
+
+
+def _set_normalisation(
+    model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]
+) -> None:
+    """Point the model's internal transform at ``mean``/``std`` (as built from the weights)."""
+    transform = getattr(model, "transform", None)
+    if transform is not None:
+        transform.image_mean = [float(m) for m in mean]
+        transform.image_std = [float(s) for s in std]
 
 
 # ----------------------------------------------------------------------------- backbone
