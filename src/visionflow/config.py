@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -16,7 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from visionflow.errors import ConfigError
 from visionflow.train.budget import parse_budget
 
-__all__ = ["PRESETS", "SearchConfig", "TrainConfig", "load_search_config", "load_train_config"]
+__all__ = [
+    "PRESETS",
+    "DetectConfig",
+    "SearchConfig",
+    "TrainConfig",
+    "load_detect_config",
+    "load_search_config",
+    "load_train_config",
+]
 
 #: Named bundles of settings; a preset only sets what it names.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -118,6 +126,79 @@ class TrainConfig(BaseModel):
         return parse_budget(self.budget)
 
 
+class DetectConfig(BaseModel):
+    """What ``visionflow train --task detect`` does (stored in the run's ``config.json``).
+
+    The defaults are the CPU-friendly recipe measured in BENCHMARKS.md ("Object detection"):
+    an anchor-free FCOS on ``tf_efficientnet_lite0`` with a narrow (128-channel) feature pyramid,
+    AdamW, a cosine schedule stretched to what the budget can pay for, and the best epoch by
+    validation mAP kept.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    task: Literal["detect"] = "detect"
+    detector: str = Field(
+        default="auto",
+        description="fcos, retinanet, fasterrcnn_fpn, ssdlite, or auto (fcos; see the README)",
+    )
+    backbone: str = "tf_efficientnet_lite0"
+    weights: str | None = Field(
+        default=None, description="auto (None), 'none', 'package', 'hub', or a file/directory"
+    )
+    format: Literal["auto", "coco", "voc", "yolo"] = "auto"
+    img_size: int | None = Field(
+        default=None,
+        ge=64,
+        le=1536,
+        description="longer side the detector works at (default: from the images' sizes, "
+        "256..512 in steps of 32; 320 for ssdlite)",
+    )
+    budget: str | None = Field(default="10m", description="wall-clock budget, e.g. '15m'")
+    epochs: int = Field(default=300, ge=1, description="upper bound; the budget stops earlier")
+    batch_size: int = Field(default=8, ge=1)
+    lr: float = Field(default=1e-3, gt=0, description="learning rate of the heads and pyramid")
+    backbone_lr: float | None = Field(
+        default=None, gt=0, description="learning rate of the backbone (default: lr / 10)"
+    )
+    weight_decay: float = Field(default=1e-4, ge=0)
+    warmup_epochs: float = Field(default=1.0, ge=0)
+    trainable_layers: int | None = Field(
+        default=None, ge=0, description="backbone stages trained, from the deepest (default 3)"
+    )
+    augment: Literal["none", "light", "medium", "heavy"] = Field(
+        default="medium",
+        description="light: flips, colour, scale jitter; medium: + zoom-out and IoU crops; "
+        "heavy: more of both",
+    )
+    hflip: bool = True
+    score_thresh: float = Field(
+        default=0.05, ge=0, le=1, description="lowest score kept (evaluation wants recall)"
+    )
+    nms_thresh: float = Field(default=0.5, gt=0, le=1)
+    detections_per_img: int = Field(default=100, ge=1)
+    patience: int | None = Field(default=None, ge=1, description="early stopping (epochs)")
+    grad_clip: float | None = Field(default=10.0, gt=0)
+    val_fraction: float = Field(default=0.15, ge=0, lt=1)
+    test_fraction: float = Field(default=0.15, ge=0, lt=1)
+    seed: int = 0
+    device: str = "auto"
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    num_workers: int | None = Field(default=None, ge=0)
+    max_pixels: int = Field(default=64_000_000, ge=1024)
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _check_budget(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        parse_budget(value)
+        return str(value)
+
+    def budget_seconds(self) -> float | None:
+        return parse_budget(self.budget)
+
+
 class SearchConfig(BaseModel):
     """How ``visionflow train`` searches (the ``search:`` mapping of a settings file).
 
@@ -150,6 +231,9 @@ class SearchConfig(BaseModel):
     )
 
 
+_Config = TypeVar("_Config", bound=BaseModel)
+
+
 def read_yaml(path: Path, what: str = "config file") -> Any:
     """The YAML/JSON document of a settings file (``{}`` when empty); a missing or malformed
     file is a :class:`ConfigError` naming it."""
@@ -166,13 +250,15 @@ def _did_you_mean(key: str, known: list[str]) -> str:
     return f" (did you mean {hint[0]!r}?)" if hint else ""
 
 
-def _validate(data: dict[str, Any], where: str) -> TrainConfig:
-    known = list(TrainConfig.model_fields)
+def _validate(
+    data: dict[str, Any], where: str, model: type[_Config] = TrainConfig  # type: ignore[assignment]
+) -> _Config:
+    known = list(model.model_fields)
     for key in data:
         if key not in known:
             raise ConfigError(f"{where}: unknown setting {key!r}{_did_you_mean(key, known)}")
     try:
-        return TrainConfig(**data)
+        return model(**data)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
@@ -187,6 +273,26 @@ def load_train_config(
     overrides: dict[str, Any] | None = None,
 ) -> TrainConfig:
     """Merge defaults < preset < file < overrides (``None`` overrides are ignored)."""
+    return _load(TrainConfig, preset, file, overrides)
+
+
+def load_detect_config(
+    *,
+    preset: str | None = None,
+    file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> DetectConfig:
+    """:func:`load_train_config` for object detection (same precedence; presets set the
+    budget only)."""
+    return _load(DetectConfig, preset, file, overrides)
+
+
+def _load(
+    model: type[_Config],
+    preset: str | None,
+    file: str | Path | None,
+    overrides: dict[str, Any] | None,
+) -> _Config:
     data: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
@@ -194,7 +300,7 @@ def load_train_config(
                 f"unknown preset {preset!r}{_did_you_mean(preset, list(PRESETS))}; "
                 f"choose from {sorted(PRESETS)}"
             )
-        data.update(PRESETS[preset])
+        data.update({k: v for k, v in PRESETS[preset].items() if k in model.model_fields})
     if file is not None:
         path = Path(file)
         loaded = read_yaml(path)
@@ -203,12 +309,12 @@ def load_train_config(
                 f"{path}: expected a mapping of settings, got {type(loaded).__name__}"
             )
         loaded = {k: v for k, v in loaded.items() if k != "search"}
-        _validate({**data, **loaded}, str(path))
+        _validate({**data, **loaded}, str(path), model)
         data.update(loaded)
     for key, value in (overrides or {}).items():
         if value is not None:
             data[key] = value
-    return _validate(data, "settings")
+    return _validate(data, "settings", model)
 
 
 def load_search_config(

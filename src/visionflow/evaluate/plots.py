@@ -76,28 +76,36 @@ def _empty(ax: Any, message: str) -> None:
     ax.set_yticks([])
 
 
-def plot_learning_curves(history: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Loss and accuracy (train and validation) over all epochs of all phases.
+def plot_learning_curves(
+    history: list[dict[str, Any]],
+    path: str | os.PathLike[str],
+    *,
+    metric: str = "accuracy",
+    title: str | None = None,
+) -> Path:
+    """Loss and ``metric`` (train and validation) over all epochs of all phases.
 
     The x axis is the position in ``history`` (epoch numbers restart in each phase); phase
     changes are dashed vertical lines labelled with the phase name, and epochs marked ``best``
-    are circled on the validation curves.
+    are circled on the validation curves. ``metric`` names the history keys
+    ``train_<metric>``/``val_<metric>`` (``"map"`` for detection); ``title`` its panel's title.
     """
     records = [r for r in history if isinstance(r, dict)]
     fig = _new_figure(11, 4.2)
     ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.set_title("Loss")
-    ax_acc.set_title("Accuracy")
+    ax_acc.set_title(title or metric.replace("_", " ").capitalize())
     if not records:
         _empty(ax_loss, "no training history")
         _empty(ax_acc, "no training history")
         return _save(fig, path)
 
     x = np.arange(1, len(records) + 1)
-    series = {key: np.array([_number(r.get(key)) for r in records]) for key in _CURVE_KEYS}
+    keys = ("train_loss", "val_loss", f"train_{metric}", f"val_{metric}")
+    series = {key: np.array([_number(r.get(key)) for r in records]) for key in keys}
     best = np.array([bool(r.get("best")) for r in records])
 
-    for ax, kind in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+    for ax, kind in ((ax_loss, "loss"), (ax_acc, metric)):
         drawn = False
         for split, style in (("train", "-"), ("val", "-")):
             y = series[f"{split}_{kind}"]
@@ -125,15 +133,14 @@ def plot_learning_curves(history: list[dict[str, Any]], path: str | os.PathLike[
         ax.set_xlabel("epoch (all phases)")
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize=8)
-    if not np.all(np.isnan(series["train_accuracy"])) or not np.all(
-        np.isnan(series["val_accuracy"])
+    if not np.all(np.isnan(series[f"train_{metric}"])) or not np.all(
+        np.isnan(series[f"val_{metric}"])
     ):
         ax_acc.set_ylim(-0.02, 1.02)
     _tight(fig)
     return _save(fig, path)
 
 
-_CURVE_KEYS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
 _COLORS = {"train": "tab:blue", "val": "tab:orange"}
 
 

@@ -156,10 +156,35 @@ _METRIC_COLUMNS = (
 )
 
 
+#: Detection metrics columns (COCO's), shown when a split's metrics carry ``map``.
+_DETECTION_COLUMNS = (
+    ("images", "images"),
+    ("gt_boxes", "boxes"),
+    ("map", "mAP@[.5:.95]"),
+    ("map_50", "mAP@.5"),
+    ("map_75", "mAP@.75"),
+    ("map_small", "AP small"),
+    ("map_medium", "AP medium"),
+    ("map_large", "AP large"),
+    ("mar_100", "AR@100"),
+)
+
+
+def _is_detection(metrics: dict[str, dict[str, Any]]) -> bool:
+    return any(isinstance(m, dict) and "map" in m for m in metrics.values())
+
+
+def _detection_metrics_html(splits: list[tuple[str, dict[str, Any]]]) -> str:
+    rows = [[name, *(m.get(key) for key, _ in _DETECTION_COLUMNS)] for name, m in splits]
+    return html_table(rows, headers=["split", *(label for _, label in _DETECTION_COLUMNS)])
+
+
 def _metrics_html(metrics: dict[str, dict[str, Any]]) -> str:
     splits = [(name, m) for name, m in metrics.items() if isinstance(m, dict)]
     if not splits:
         return f"<p>{NA}</p>"
+    if _is_detection(metrics):
+        return _detection_metrics_html(splits)
     topk: list[str] = []
     for _, m in splits:
         found = m.get("top_k")
@@ -185,6 +210,14 @@ def _per_class_html(metrics: dict[str, dict[str, Any]]) -> tuple[str, str] | Non
     for split in ("test", "val"):
         m = metrics.get(split)
         if isinstance(m, dict) and isinstance(m.get("per_class"), dict) and m["per_class"]:
+            if "map" in m:  # detection: COCO AP per class
+                keys = ("ap", "ap_50", "ap_75", "gt", "predictions")
+                rows = [
+                    [name, *((v if isinstance(v, dict) else {}).get(k) for k in keys)]
+                    for name, v in m["per_class"].items()
+                ]
+                headers = ["class", "AP@[.5:.95]", "AP@.5", "AP@.75", "boxes", "detections"]
+                return split, html_table(rows, headers=headers)
             rows = []
             for name, v in m["per_class"].items():
                 v = v if isinstance(v, dict) else {}

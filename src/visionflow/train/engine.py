@@ -126,6 +126,8 @@ class Engine:
         self.phase = phase
         self.planned_epochs = config.epochs
         self.replan = replan
+        #: Call ``replan`` after every epoch with the running mean epoch time, not only once.
+        self.replan_every_epoch = False
         self.history: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- set-up
@@ -228,6 +230,33 @@ class Engine:
             return torch.empty(0), torch.empty(0, dtype=torch.long)
         return torch.cat(outputs), torch.cat(targets)
 
+    def validate(self, loader: DataLoader[Any]) -> dict[str, Any]:
+        """The task's metrics on a whole loader (what early stopping and selection read)."""
+        outputs, targets = self.predict(loader)
+        return self.task.metrics(outputs, targets)
+
+    def _forward_loss(
+        self,
+        images: Any,
+        targets: Any,
+        mixer: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None,
+        frozen: bool,
+    ) -> tuple[torch.Tensor, int, int | None]:
+        """One training batch's loss, its size and (when it means anything) correct top-1s."""
+        images = self._prepare(images)
+        targets = torch.as_tensor(targets).to(self.device)
+        hard = targets
+        if mixer is not None and not frozen:
+            images, targets = mixer(images, targets)
+        with self._autocast():
+            outputs = self.model(images)
+        loss = self.task.loss(outputs, targets)
+        n = self.task.batch_size(hard)
+        correct = None
+        if not targets.dtype.is_floating_point and outputs.ndim == 2:
+            correct = int((outputs.detach().argmax(1) == hard).sum())
+        return loss, n, correct
+
     # ---------------------------------------------------------------- fitting
     def fit(
         self,
@@ -308,8 +337,7 @@ class Engine:
                     stopped = "budget"
                     break
                 if val_loader is not None:
-                    outputs, targets = self.predict(val_loader)
-                    val = self.task.metrics(outputs, targets)
+                    val = self.validate(val_loader)
                     record.update({f"val_{k}": v for k, v in val.items()})
                 record["seconds"] = time.monotonic() - t0
                 epoch_seconds = (
@@ -360,7 +388,10 @@ class Engine:
                             "config": cfg.to_json(),
                         },
                     )
-                if self.replan is not None and epoch == start_epoch and not resume:
+                if self.replan is not None and self.replan_every_epoch:
+                    # the running mean follows a machine whose speed changes under the run
+                    self.planned_epochs = max(epoch + 1, self.replan(epoch_seconds))
+                elif self.replan is not None and epoch == start_epoch and not resume:
                     # the first real epoch is the best estimate of what the rest will cost
                     self.planned_epochs = max(epoch + 1, self.replan(record["seconds"]))
                 for cb in self.callbacks:
@@ -412,14 +443,7 @@ class Engine:
         for step, (images, targets) in enumerate(loader):
             if self.deadline.expired():
                 return None
-            images = self._prepare(images)
-            targets = torch.as_tensor(targets).to(self.device)
-            hard = targets
-            if mixer is not None and not frozen:
-                images, targets = mixer(images, targets)
-            with self._autocast():
-                outputs = self.model(images)
-            loss = self.task.loss(outputs, targets)
+            loss, n, correct = self._forward_loss(images, targets, mixer, frozen)
             optimizer.zero_grad(set_to_none=True)
             self._scaler.scale(loss).backward()
             if cfg.grad_clip:
@@ -435,12 +459,11 @@ class Engine:
             # before optimizer" warning stays quiet
             if scale is None or self._scaler.get_scale() >= scale:
                 scheduler.step()
-            n = self.task.batch_size(hard)
             value = float(loss.detach())
             total_loss += value * n
             seen += n
-            if not targets.dtype.is_floating_point and outputs.ndim == 2:
-                total_correct += int((outputs.detach().argmax(1) == hard).sum())
+            if correct is not None:
+                total_correct += correct
                 total_hard += n
             for cb in self.callbacks:
                 cb.on_batch_end(self, step, value)
