@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 
 from visionflow.errors import ImageDecodeError
 
-__all__ = ["ServeError", "decode_error", "unknown_model", "unknown_version"]
+__all__ = ["ServeError", "decode_error", "queue_full", "unknown_model", "unknown_version"]
 
 
 class ServeError(Exception):
@@ -36,6 +36,16 @@ def decode_error(exc: ImageDecodeError) -> ServeError:
     if reason.startswith("not an image"):
         return ServeError(422, "not_an_image", f"{exc.path}: {reason}")
     return ServeError(422, "corrupt_image", f"{exc.path}: {reason}")
+
+
+def queue_full(name: str, version: int) -> ServeError:
+    """The answer when a version's queue is full (see ``ServeSettings.queue``)."""
+    return ServeError(
+        503,
+        "queue_full",
+        f"{name} version {version} is busy; retry shortly",
+        headers={"Retry-After": "1"},
+    )
 
 
 def _suggest(given: str, known: Iterable[str]) -> str:

@@ -1,4 +1,10 @@
-"""Reading images out of requests and answering them: shared by the v1 and v2 routes."""
+"""Reading images out of requests and answering them: shared by the v1 and v2 routes.
+
+:func:`answer` serves either kind of model: a classifier's images are preprocessed into one
+``uint8`` batch for its :class:`~visionflow.serve.runtime.Batcher` (an :class:`Answer`), a
+detector's are decoded only (they keep their sizes) and queued on its
+:class:`~visionflow.serve.runtime.DetectionRunner` (a :class:`DetectAnswer`).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,13 @@ import binascii
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from fastapi import Request
+from PIL import Image
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -21,10 +28,14 @@ from starlette.exceptions import HTTPException
 
 from visionflow.data.images import load_image_bytes
 from visionflow.errors import ImageDecodeError
-from visionflow.serve._errors import ServeError, decode_error
+from visionflow.prediction import Detections
+from visionflow.serve._detect import check_threshold, strongest_labels
+from visionflow.serve._errors import ServeError, decode_error, queue_full
 from visionflow.serve.metrics import ServeMetrics
 from visionflow.serve.runtime import (
     BatchResult,
+    DetectionRunner,
+    LoadedModel,
     ModelSource,
     PredictContext,
     PredictionEvent,
@@ -47,6 +58,18 @@ class Answer:
     version: int
     classes: list[str]
     result: BatchResult
+    background: BackgroundTask | None
+
+
+@dataclass
+class DetectAnswer:
+    """A detector's finished answer: which version, the threshold it applied, per image."""
+
+    name: str
+    version: int
+    classes: list[str]
+    threshold: float
+    detections: list[Detections]
     background: BackgroundTask | None
 
 
@@ -112,6 +135,7 @@ class V1Request:
     blobs: list[Blob]
     topk: int | None
     version: str | None
+    threshold: float | None = None
 
 
 async def read_v1(request: Request, settings: ServeSettings) -> V1Request:
@@ -143,23 +167,25 @@ async def read_v1(request: Request, settings: ServeSettings) -> V1Request:
                 blobs.append((f"files[{i}]", await item.read()))
             topk = form.get("topk")
             version = form.get("version")
+            threshold = form.get("threshold")
             check_count(blobs, settings)
             return V1Request(
                 blobs,
                 _int_field(topk, "topk") if topk is not None else None,
                 str(version) if version is not None else None,
+                check_threshold(threshold) if threshold is not None else None,
             )
         finally:
             await form.close()
     if kind == "application/json":
         body = await read_json_body(request)
-        unknown = sorted(set(body) - {"images", "topk", "version"})
+        unknown = sorted(set(body) - {"images", "topk", "version", "threshold"})
         if unknown:
             raise ServeError(
                 422,
                 "invalid_field",
                 f"unknown field(s) {unknown}; expected 'images' (a list of base64 "
-                "strings), optional 'topk' and 'version'",
+                "strings), optional 'topk' (classifiers), 'threshold' (detectors) and 'version'",
             )
         if "images" not in body:
             raise ServeError(
@@ -174,10 +200,12 @@ async def read_v1(request: Request, settings: ServeSettings) -> V1Request:
         check_count(blobs, settings)
         topk = body.get("topk")
         version = body.get("version")
+        threshold = body.get("threshold")
         return V1Request(
             blobs,
             _int_field(topk, "topk") if topk is not None else None,
             str(version) if version is not None else None,
+            check_threshold(threshold) if threshold is not None else None,
         )
     raise ServeError(
         415,
@@ -187,15 +215,20 @@ async def read_v1(request: Request, settings: ServeSettings) -> V1Request:
     )
 
 
-def decode(model: Any, blobs: Sequence[Blob], max_pixels: int) -> np.ndarray:
-    """Decode and preprocess (in a request thread): one safe decoder, the bundle's resizing."""
+def decode_images(blobs: Sequence[Blob], max_pixels: int) -> list[Image.Image]:
+    """Decode (in a request thread) through the one safe decoder; a bad image answers 4xx."""
     images = []
     for where, data in blobs:
         try:
             images.append(load_image_bytes(data, max_pixels=max_pixels, name=where))
         except ImageDecodeError as exc:
             raise decode_error(exc) from None
-    pixels: np.ndarray = model.pixels(images)
+    return images
+
+
+def decode(model: Any, blobs: Sequence[Blob], max_pixels: int) -> np.ndarray:
+    """Decode and preprocess (in a request thread): one safe decoder, the bundle's resizing."""
+    pixels: np.ndarray = model.pixels(decode_images(blobs, max_pixels))
     return pixels
 
 
@@ -219,8 +252,17 @@ async def answer(
     metrics: ServeMetrics,
     selector: VersionSelector,
     hooks: Sequence[PredictionHook],
-) -> Answer:
-    """Pick the version, decode, queue for a batch, wait (within the deadline)."""
+    threshold: float | None = None,
+    check: Callable[[LoadedModel], None] | None = None,
+) -> Answer | DetectAnswer:
+    """Pick the version, decode, queue (a classifier's batch or a detector's queue), wait
+    (within the deadline).
+
+    Args:
+        threshold: A detector's score threshold (None: the model's own); 422 for a classifier.
+        check: Called with the version picked, before any decoding: raises the 422 for options
+            the model's kind cannot take (a route's own, such as v1 ``topk``).
+    """
     started = time.perf_counter()
     request_id: str = request.state.request_id
     entry = source.entry(name)
@@ -233,18 +275,33 @@ async def answer(
                 await asyncio.shield(run_in_threadpool(source.ensure_loaded, name, version))
             lm = source.acquire(name, version)
             try:
-                pixels = await run_in_threadpool(decode, lm.model, blobs, settings.max_pixels)
-                try:
-                    future = lm.batcher.submit(pixels)
-                except QueueFull:
-                    raise ServeError(
-                        503,
-                        "queue_full",
-                        f"{name} version {version} is busy; retry shortly",
-                        headers={"Retry-After": "1"},
-                    ) from None
-                result = await asyncio.wrap_future(future)
+                if check is not None:
+                    check(lm)
                 classes = lm.classes
+                if isinstance(lm.batcher, DetectionRunner):
+                    applied = (
+                        threshold if threshold is not None else float(lm.model.score_threshold)
+                    )
+                    images = await run_in_threadpool(decode_images, blobs, settings.max_pixels)
+                    try:
+                        found = lm.batcher.submit(images, threshold=applied)
+                    except QueueFull:
+                        raise queue_full(name, version) from None
+                    detections = await asyncio.wrap_future(found)
+                else:
+                    if threshold is not None:
+                        raise ServeError(
+                            422,
+                            "invalid_field",
+                            f"threshold: {name} version {version} is a classifier; a score "
+                            "threshold applies to detection models (use topk)",
+                        )
+                    pixels = await run_in_threadpool(decode, lm.model, blobs, settings.max_pixels)
+                    try:
+                        future = lm.batcher.submit(pixels)
+                    except QueueFull:
+                        raise queue_full(name, version) from None
+                    result = await asyncio.wrap_future(future)
             finally:
                 lm.release()
     except TimeoutError:
@@ -253,6 +310,21 @@ async def answer(
             "timeout",
             f"no answer within {settings.timeout_s:g} s; retry, or send fewer images per request",
         ) from None
+    if isinstance(lm.batcher, DetectionRunner):
+        metrics.observe_detections(name, str(version), detections)
+        background = None
+        if hooks:
+            n = len(detections)
+            event = PredictionEvent(
+                model=name, version=version, request_id=request_id, endpoint=endpoint,
+                classes=classes, labels=strongest_labels(detections),
+                probabilities=np.zeros((n, 0), np.float32), features=np.zeros((n, 0), np.float32),
+                pixels=np.zeros((n, 0, 0, 3), np.uint8),
+                latency_s=time.perf_counter() - started, timestamp=time.time(),
+                task="detect", detections=detections, images=images, threshold=applied,
+            )  # fmt: skip
+            background = BackgroundTask(_run_hooks, list(hooks), event)
+        return DetectAnswer(name, version, classes, applied, detections, background)
     top = result.probabilities.argmax(axis=1) if len(result.probabilities) else np.zeros(0, int)
     labels = [classes[int(i)] for i in top]
     confidences = [float(result.probabilities[j, int(i)]) for j, i in enumerate(top)]

@@ -269,8 +269,8 @@ def create_app(
     app = FastAPI(
         title="visionflow",
         version=__version__,
-        description="Image classification with visionflow bundles: a v1 REST API and the "
-        "KServe Open Inference Protocol (v2).",
+        description="Image classification and object detection with visionflow bundles: a v1 "
+        "REST API and the KServe Open Inference Protocol (v2).",
         lifespan=lifespan,
     )
     app.state.settings = settings

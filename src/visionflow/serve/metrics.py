@@ -1,21 +1,29 @@
 """Prometheus metrics of one app, in a registry of its own (several apps may share a process).
 
 Every series that concerns a model carries ``model`` and ``version`` labels (empty for requests
-that reach no model, such as ``/healthz``).
+that reach no model, such as ``/healthz``). A classifier's answers feed ``visionflow_predictions``
+and ``visionflow_confidence``; a detector's feed ``visionflow_detections`` (objects by label),
+``visionflow_detections_per_image`` and ``visionflow_detection_score``: what a detector's drift
+is watched by (the drift monitor's tests need a classifier's embeddings and probabilities).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from visionflow.prediction import Detections
 
 __all__ = ["CONTENT_TYPE_LATEST", "ServeMetrics"]
 
 _LATENCY = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _CONFIDENCE = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+_OBJECTS = (0, 1, 2, 3, 5, 10, 20, 50, 100, 300)
 
 
 class ServeMetrics:
@@ -56,6 +64,18 @@ class ServeMetrics:
             "visionflow_confidence", "Probability of the top label.",
             ["model", "version"], buckets=_CONFIDENCE, registry=r,
         )  # fmt: skip
+        self.detections = Counter(
+            "visionflow_detections", "Objects detected (at or above the request's threshold).",
+            ["model", "version", "label"], registry=r,
+        )  # fmt: skip
+        self.detections_per_image = Histogram(
+            "visionflow_detections_per_image", "Objects detected per image.",
+            ["model", "version"], buckets=_OBJECTS, registry=r,
+        )  # fmt: skip
+        self.detection_score = Histogram(
+            "visionflow_detection_score", "Score of each detected object.",
+            ["model", "version"], buckets=_CONFIDENCE, registry=r,
+        )  # fmt: skip
         self.loaded = Gauge(
             "visionflow_model_loaded", "1 while a model version is loaded and warm.",
             ["model", "version"], registry=r,
@@ -67,6 +87,17 @@ class ServeMetrics:
         for label, p in zip(labels, confidences, strict=True):
             self.predictions.labels(model, version, label).inc()
             self.confidence.labels(model, version).observe(p)
+
+    def observe_detections(
+        self, model: str, version: str, detections: Sequence[Detections]
+    ) -> None:
+        per_image = self.detections_per_image.labels(model, version)
+        score = self.detection_score.labels(model, version)
+        for found in detections:
+            per_image.observe(len(found))
+            for label, s in zip(found.labels, found.scores, strict=True):
+                self.detections.labels(model, version, label).inc()
+                score.observe(float(s))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

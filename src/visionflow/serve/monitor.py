@@ -22,6 +22,13 @@ Brightness and contrast are reported (live median, share of live images outside 
 1-99 % range) but do not raise the alert: the reference describes the original files and the
 live window the model's input (resized and cropped), which differ slightly by construction.
 
+Detectors are not monitored here: every test above needs a classifier's embedding, class
+probabilities and the reference statistics a classifier bundle carries, none of which a detector
+has, and made-up stand-ins would raise alerts that mean nothing. A detector's report says
+``unsupported``; what its live traffic looks like is in ``/metrics``
+(``visionflow_detections_per_image``, ``visionflow_detection_score``, ``visionflow_detections``
+by label), where drift in object counts or scores shows.
+
 Every p-value is Bonferroni-adjusted by the number of tests; the window *drifts* (``alert``)
 when it holds at least ``min_samples`` images and some adjusted p-value is below ``alpha``.
 The *drift score* is the largest KS statistic over the embedding components: 0 when the live
@@ -217,6 +224,8 @@ class DriftMonitor(PredictionHook):
 
     # ---------------------------------------------------------------- the hook
     def after_predict(self, event: PredictionEvent) -> None:
+        if event.task != "classify":  # a detector: see the module docstring
+            return
         win = self._window(event.model, event.version, event.classes)
         if win is not None and len(event.labels):
             win.add(event)
@@ -229,6 +238,9 @@ class DriftMonitor(PredictionHook):
         lm = self.source.loaded(name, version)
         if lm is None:
             return None
+        if lm.task != "classify":
+            with self._lock:
+                return self._windows.setdefault(key, None)
         ref = Reference.from_meta(getattr(lm.model, "meta", None), classes or lm.classes)
         win = _Window(ref, self.window) if ref is not None else None
         with self._lock:
@@ -253,7 +265,17 @@ class DriftMonitor(PredictionHook):
             "min_samples": self.min_samples, "alpha": self.alpha,
         }  # fmt: skip
         if win is None:
-            loaded = self.source.loaded(name, version) is not None
+            lm = self.source.loaded(name, version)
+            if lm is not None and lm.task != "classify":
+                return base | {
+                    "status": "unsupported", "samples": 0, "alert": False, "drift_score": None,
+                    "tests": [],
+                    "message": f"{name} version {version} is a detector: drift tests need a "
+                    "classifier's embeddings and class probabilities; watch "
+                    "visionflow_detections_per_image and visionflow_detection_score in "
+                    "/metrics instead",
+                }  # fmt: skip
+            loaded = lm is not None
             return base | {
                 "status": "no_reference" if loaded else "not_loaded",
                 "samples": 0, "alert": False, "drift_score": None, "tests": [],

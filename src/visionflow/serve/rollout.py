@@ -16,7 +16,14 @@ shared between versions:
 - ``shadow``: production answers every request; after the response is sent, a copy of the
   pixels production saw goes into a bounded queue (full: dropped and counted, never slowing a
   client) that one worker thread feeds to ``candidate``. Its answers are discarded; the share
-  of images whose top-1 label agrees with production's, and its latency, are measured.
+  of images whose top-1 label agrees with production's, and its latency, are measured. For a
+  detector the copy is the decoded images and production's threshold, and an image's
+  agreement is the share of objects both versions found (same label, IoU at least 0.5: see
+  :func:`visionflow.serve._detect.agreement`), so ``agreement`` is its mean over images.
+
+Every mode works for detectors as for classifiers (the canary judges status codes and latency
+only); a policy mixing a classifier and a detector of one model is refused (422), since its
+clients would get answers of two shapes.
 
 Why selection is a pure function of an immutable policy: a policy change is one reference
 swap, so a request in flight keeps the version it was given (and its lease on it), and the next
@@ -51,10 +58,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from visionflow.errors import ConfigError
+from visionflow.serve._detect import agreement as detection_agreement
 from visionflow.serve._errors import ServeError
 from visionflow.serve.metrics import ServeMetrics
 from visionflow.serve.runtime import (
     DEFAULT_ALIAS,
+    DetectionRunner,
     ModelEntry,
     ModelSource,
     PredictContext,
@@ -242,7 +251,7 @@ class _Shadow:
     dropped: int = 0
     failed: int = 0
     images: int = 0
-    agreed: int = 0
+    agreed: float = 0.0  # images agreeing (a detector's: the sum of per-image agreement)
     latency: deque[float] = field(default_factory=lambda: deque(maxlen=_KEEP))
 
     def summary(self) -> dict[str, Any]:
@@ -321,7 +330,8 @@ class RolloutManager(PredictionHook):
         )  # fmt: skip
         self._agreement = Gauge(
             "visionflow_shadow_agreement",
-            "Share of shadowed images whose top-1 label matches production's.",
+            "Share of shadowed images whose top-1 label matches production's (detectors: "
+            "mean share of objects both versions found).",
             ["model", "version"], registry=r,
         )  # fmt: skip
         self._rollbacks = Counter(
@@ -591,21 +601,38 @@ class RolloutManager(PredictionHook):
         source.ensure_loaded(event.model, version)
         lm = source.acquire(event.model, version)
         try:
+            if lm.task != event.task:
+                raise ValueError(
+                    f"version {version} is a {lm.task} model but production answered a "
+                    f"{event.task} request; the shadow compares versions of one task"
+                )
+            batcher = lm.batcher
             try:
-                future = lm.batcher.submit(event.pixels)
+                if isinstance(batcher, DetectionRunner):
+                    found = batcher.submit(event.images, threshold=event.threshold)
+                else:
+                    future = batcher.submit(event.pixels)
             except QueueFull:
                 with self._lock:  # the candidate is saturated: never queue behind it
                     stats.dropped += 1
                 return
-            result = future.result(timeout=self._timeout_s)
-            classes = lm.classes
+            if isinstance(batcher, DetectionRunner):
+                answers = found.result(timeout=self._timeout_s)
+                scores = [
+                    detection_agreement(ours, theirs)
+                    for ours, theirs in zip(event.detections, answers, strict=True)
+                ]
+            else:
+                result = future.result(timeout=self._timeout_s)
+                classes = lm.classes
+                labels = [classes[int(i)] for i in result.probabilities.argmax(axis=1)]
+                scores = [float(a == b) for a, b in zip(labels, event.labels, strict=False)]
         finally:
             lm.release()
-        labels = [classes[int(i)] for i in result.probabilities.argmax(axis=1)]
         with self._lock:
             stats.latency.append(time.perf_counter() - started)
-            stats.images += len(labels)
-            stats.agreed += sum(a == b for a, b in zip(labels, event.labels, strict=False))
+            stats.images += len(scores)
+            stats.agreed += sum(scores)
             agreement = stats.agreed / stats.images if stats.images else None
         if self._agreement is not None and agreement is not None:
             self._agreement.labels(event.model, str(version)).set(agreement)

@@ -9,7 +9,8 @@ How a request flows (see :mod:`visionflow.serve.routes`):
 3. The batch goes into the version's :class:`Batcher`: a bounded queue (``queue`` images; full
    means 503) and one worker thread that gathers up to ``max_batch`` images, waiting at most
    ``max_wait_ms`` for the first one's company, runs ONNX Runtime once (it releases the GIL, so
-   decoding goes on meanwhile) and resolves every request's future.
+   decoding goes on meanwhile) and resolves every request's future. A detector's images keep
+   their sizes, so its :class:`DetectionRunner` (same queue limits) runs them one by one.
 4. The lease is returned. A version replaced by a registry change (new version, alias move) is
    *retired*: it leaves the table at once, but its batcher keeps serving until the last lease is
    returned, so no request in flight fails because of a deployment.
@@ -26,17 +27,18 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Self, TypeVar
 
 import numpy as np
 from PIL import Image
 
 from visionflow.export.runtime import softmax
+from visionflow.prediction import Detections
 from visionflow.serve._errors import ServeError, unknown_model, unknown_version
 from visionflow.serve.metrics import ServeMetrics
 from visionflow.serve.settings import ServeSettings
@@ -46,6 +48,7 @@ __all__ = [
     "BatchResult",
     "Batcher",
     "BundleSource",
+    "DetectionRunner",
     "LoadedModel",
     "ModelEntry",
     "ModelSource",
@@ -57,6 +60,7 @@ __all__ = [
     "StaticSource",
     "VersionInfo",
     "VersionSelector",
+    "is_detector",
 ]
 
 log = logging.getLogger("visionflow.serve")
@@ -84,16 +88,120 @@ class _Item:
     future: Future[BatchResult]
     enqueued: float
 
+    @property
+    def size(self) -> int:
+        return len(self.pixels)
 
-class Batcher:
-    """Dynamic batching in front of one model (anything with ``run(pixels) -> (logits,
+
+@dataclass
+class _DetectItem:
+    images: list[Image.Image]
+    threshold: float | None
+    future: Future[list[Detections]]
+    enqueued: float
+
+    @property
+    def size(self) -> int:
+        return len(self.images)
+
+
+_ItemT = TypeVar("_ItemT", _Item, _DetectItem)
+
+
+class _Worker(Generic[_ItemT]):
+    """A bounded queue of requests (counted in images) in front of one model, and the one
+    thread that works it: what :class:`Batcher` and :class:`DetectionRunner` share.
+
+    ``capacity`` counts images; a request that would overflow it is refused with
+    :class:`QueueFull` (a request larger than the whole queue is let in only when the queue is
+    empty, so it cannot starve). Subclasses say how work is taken (:meth:`_take`) and done
+    (:meth:`_run`).
+    """
+
+    _thread_prefix = "visionflow-worker"
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        capacity: int,
+        name: str = "model",
+        on_batch: Callable[[int, float], None] | None = None,
+        on_depth: Callable[[int], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.capacity = capacity
+        self.name = name
+        self._on_batch = on_batch
+        self._on_depth = on_depth
+        self._items: deque[_ItemT] = deque()
+        self._queued = 0
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def depth(self) -> int:
+        return self._queued
+
+    def start(self) -> Self:
+        self._thread = threading.Thread(
+            target=self._loop, name=f"{self._thread_prefix}-{self.name}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def close(self, *, wait: bool = False) -> None:
+        """Stop taking requests; the queued ones are still answered, then the thread ends."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if wait and self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    def _admit(self, item: _ItemT) -> None:
+        with self._cond:
+            if self._closing:
+                raise ServeError(503, "unavailable", f"{self.name} is shutting down")
+            if self._queued and self._queued + item.size > self.capacity:
+                raise QueueFull(f"{self.name}: {self._queued} images queued")
+            self._items.append(item)
+            self._queued += item.size
+            self._cond.notify()
+            depth = self._queued
+        if self._on_depth:
+            self._on_depth(depth)
+
+    def _pop(self) -> _ItemT | None:
+        """The next request still wanted (None: its request gave up); the lock is held."""
+        item = self._items.popleft()
+        self._queued -= item.size
+        return item if item.future.set_running_or_notify_cancel() else None
+
+    def _take(self) -> list[_ItemT] | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _run(self, batch: list[_ItemT]) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            if batch:
+                self._run(batch)
+
+
+class Batcher(_Worker[_Item]):
+    """Dynamic batching in front of one classifier (anything with ``run(pixels) -> (logits,
     features)``).
 
     Requests are kept whole: a batch is as many queued requests as fit in ``max_batch`` images
-    (a request larger than that runs alone, in chunks). ``capacity`` counts images; a request
-    that would overflow it is refused with :class:`QueueFull` (a request larger than the whole
-    queue is let in only when the queue is empty, so it cannot starve).
+    (a request larger than that runs alone, in chunks). Queue limits: see :class:`_Worker`.
     """
+
+    _thread_prefix = "visionflow-batcher"
 
     def __init__(
         self,
@@ -106,54 +214,15 @@ class Batcher:
         on_batch: Callable[[int, float], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
     ) -> None:
-        self.model = model
+        super().__init__(model, capacity=capacity, name=name, on_batch=on_batch, on_depth=on_depth)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self.capacity = capacity
-        self.name = name
-        self._on_batch = on_batch
-        self._on_depth = on_depth
-        self._items: deque[_Item] = deque()
-        self._queued = 0
-        self._cond = threading.Condition()
-        self._closing = False
-        self._thread: threading.Thread | None = None
-
-    @property
-    def depth(self) -> int:
-        return self._queued
-
-    def start(self) -> Batcher:
-        self._thread = threading.Thread(
-            target=self._loop, name=f"visionflow-batcher-{self.name}", daemon=True
-        )
-        self._thread.start()
-        return self
 
     def submit(self, pixels: np.ndarray) -> Future[BatchResult]:
         """Queue a ``uint8`` batch; the future holds its probabilities and features."""
         future: Future[BatchResult] = Future()
-        n = len(pixels)
-        with self._cond:
-            if self._closing:
-                raise ServeError(503, "unavailable", f"{self.name} is shutting down")
-            if self._queued and self._queued + n > self.capacity:
-                raise QueueFull(f"{self.name}: {self._queued} images queued")
-            self._items.append(_Item(pixels, future, time.monotonic()))
-            self._queued += n
-            self._cond.notify()
-            depth = self._queued
-        if self._on_depth:
-            self._on_depth(depth)
+        self._admit(_Item(pixels, future, time.monotonic()))
         return future
-
-    def close(self, *, wait: bool = False) -> None:
-        """Stop taking requests; the queued ones are still answered, then the thread ends."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        if wait and self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
 
     def _take(self) -> list[_Item] | None:
         with self._cond:
@@ -169,26 +238,15 @@ class Batcher:
                 self._cond.wait(remaining)
             batch: list[_Item] = []
             size = 0
-            while self._items and (
-                not batch or size + len(self._items[0].pixels) <= self.max_batch
-            ):
-                item = self._items.popleft()
-                self._queued -= len(item.pixels)
-                if item.future.set_running_or_notify_cancel():  # False: its request gave up
+            while self._items and (not batch or size + self._items[0].size <= self.max_batch):
+                item = self._pop()
+                if item is not None:
                     batch.append(item)
-                    size += len(item.pixels)
+                    size += item.size
             depth = self._queued
         if self._on_depth:
             self._on_depth(depth)
         return batch
-
-    def _loop(self) -> None:
-        while True:
-            batch = self._take()
-            if batch is None:
-                return
-            if batch:
-                self._run(batch)
 
     def _run(self, batch: list[_Item]) -> None:
         try:
@@ -209,9 +267,65 @@ class Batcher:
             return
         lo = 0
         for item in batch:
-            hi = lo + len(item.pixels)
+            hi = lo + item.size
             item.future.set_result(BatchResult(all_probs[lo:hi], all_feats[lo:hi]))
             lo = hi
+
+
+class DetectionRunner(_Worker[_DetectItem]):
+    """The queue in front of one detector (anything with ``task = "detect"`` and
+    ``detect(images, score_threshold=...) -> list[Detections]``).
+
+    Why not the :class:`Batcher`: detection images keep their own sizes (boxes are in each
+    image's pixels and the graph takes one image of any size), so there is no fixed-size batch
+    to gather. Requests are taken one at a time, in order, and each image runs alone; the queue
+    limits, the 503 when full and the lease-driven retirement are the classifier's. One thread
+    per version, as for the classifier: ONNX Runtime's intra-op threads are the parallelism,
+    and the request threads keep decoding uploads meanwhile.
+    """
+
+    _thread_prefix = "visionflow-detector"
+
+    def submit(
+        self, images: Sequence[Image.Image], *, threshold: float | None = None
+    ) -> Future[list[Detections]]:
+        """Queue decoded RGB images; the future holds one :class:`Detections` per image, with
+        the objects scoring at least ``threshold`` (None: the model's own threshold)."""
+        future: Future[list[Detections]] = Future()
+        self._admit(_DetectItem(list(images), threshold, future, time.monotonic()))
+        return future
+
+    def _take(self) -> list[_DetectItem] | None:
+        with self._cond:
+            while not self._items:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            item = self._pop()
+            depth = self._queued
+        if self._on_depth:
+            self._on_depth(depth)
+        return [item] if item is not None else []
+
+    def _run(self, batch: list[_DetectItem]) -> None:
+        for item in batch:
+            try:
+                found: list[Detections] = []
+                for image in item.images:
+                    start = time.perf_counter()
+                    found.extend(self.model.detect([image], score_threshold=item.threshold))
+                    if self._on_batch:
+                        self._on_batch(1, time.perf_counter() - start)
+                if len(found) != len(item.images):
+                    raise RuntimeError(
+                        f"{self.name}: the detector answered {len(found)} results for "
+                        f"{len(item.images)} images"
+                    )
+            except BaseException as exc:
+                log.exception("detection failed in %s", self.name)
+                item.future.set_exception(exc)
+                continue
+            item.future.set_result(found)
 
 
 # ------------------------------------------------------------------------------ versions
@@ -254,10 +368,16 @@ class ModelEntry:
         raise unknown_version(self.name, text, self.versions, self.aliases)
 
 
-class LoadedModel:
-    """One version on ONNX Runtime with its batcher, lent to requests by leases."""
+def is_detector(model: Any) -> bool:
+    """Whether a loaded model detects objects (``task = "detect"``) rather than classifies."""
+    return getattr(model, "task", None) == "detect"
 
-    def __init__(self, info: VersionInfo, model: Any, batcher: Batcher) -> None:
+
+class LoadedModel:
+    """One version on ONNX Runtime with its queue (a :class:`Batcher` for a classifier, a
+    :class:`DetectionRunner` for a detector), lent to requests by leases."""
+
+    def __init__(self, info: VersionInfo, model: Any, batcher: Batcher | DetectionRunner) -> None:
         self.info = info
         self.model = model
         self.batcher = batcher
@@ -277,6 +397,11 @@ class LoadedModel:
     @property
     def classes(self) -> list[str]:
         return list(self.model.classes)
+
+    @property
+    def task(self) -> str:
+        """``"detect"`` or ``"classify"``."""
+        return "detect" if isinstance(self.batcher, DetectionRunner) else "classify"
 
     def acquire(self) -> LoadedModel:
         with self._lock:
@@ -324,7 +449,14 @@ class VersionSelector:
 
 @dataclass(frozen=True)
 class PredictionEvent:
-    """One answered request, as :class:`PredictionHook` sees it."""
+    """One answered request, as :class:`PredictionHook` sees it.
+
+    For a detector (``task == "detect"``) the classifier's arrays (``probabilities``,
+    ``features``, ``pixels``) are empty (``n`` rows of nothing: detection images keep their own
+    sizes and there are no class probabilities); ``detections`` holds the answer per image,
+    ``images`` the decoded RGB images the detector saw, ``threshold`` the score threshold it
+    applied, and ``labels`` the strongest object's label per image (``""`` when none).
+    """
 
     model: str
     version: int
@@ -337,6 +469,10 @@ class PredictionEvent:
     pixels: np.ndarray  # (n, side, side, 3) uint8: what the model saw
     latency_s: float
     timestamp: float
+    task: str = "classify"
+    detections: Sequence[Detections] = ()
+    images: Sequence[Image.Image] = ()
+    threshold: float | None = None
 
 
 class PredictionHook:
@@ -376,7 +512,9 @@ class ModelSource:
         raise NotImplementedError
 
     def load(self, info: VersionInfo) -> Any:
-        """Load one version: an object with ``pixels``, ``run``, ``classes`` and ``meta``."""
+        """Load one version: a classifier (``pixels``, ``run``, ``classes`` and ``meta``) or
+        a detector (``task = "detect"``, ``detect``, ``classes``, ``meta`` and
+        ``score_threshold``: see :class:`DetectionRunner`)."""
         raise NotImplementedError
 
     def revision(self) -> int | None:
@@ -532,8 +670,12 @@ class ModelSource:
         model = self.load(info)
         label = (info.name, str(info.version))
         metrics = self.metrics
+        detector = is_detector(model)
         if self.settings.warmup:
-            model.run(model.pixels([Image.new("RGB", (8, 8))]))
+            if detector:
+                model.detect([Image.new("RGB", (32, 32))])
+            else:
+                model.run(model.pixels([Image.new("RGB", (8, 8))]))
 
         def on_batch(n: int, seconds: float) -> None:
             if metrics:
@@ -545,15 +687,22 @@ class ModelSource:
                 metrics.queue_depth.labels(*label).set(depth)
 
         s = self.settings
-        batcher = Batcher(
-            model,
-            max_batch=s.max_batch,
-            max_wait_s=s.max_wait_ms / 1000.0,
-            capacity=s.queue,
-            name=f"{info.name}-v{info.version}",
-            on_batch=on_batch,
-            on_depth=on_depth,
-        ).start()
+        queue_name = f"{info.name}-v{info.version}"
+        batcher: Batcher | DetectionRunner
+        if detector:
+            batcher = DetectionRunner(
+                model, capacity=s.queue, name=queue_name, on_batch=on_batch, on_depth=on_depth
+            ).start()
+        else:
+            batcher = Batcher(
+                model,
+                max_batch=s.max_batch,
+                max_wait_s=s.max_wait_ms / 1000.0,
+                capacity=s.queue,
+                name=queue_name,
+                on_batch=on_batch,
+                on_depth=on_depth,
+            ).start()
         if metrics:
             metrics.loaded.labels(*label).set(1)
             metrics.queue_depth.labels(*label).set(0)
@@ -580,7 +729,8 @@ class StaticSource(ModelSource):
 
     def load(self, info: VersionInfo) -> Any:
         model = self._models[info.name]
-        return model() if callable(model) and not hasattr(model, "run") else model
+        ready = hasattr(model, "run") or hasattr(model, "detect")
+        return model() if callable(model) and not ready else model
 
 
 class BundleSource(ModelSource):

@@ -5,6 +5,10 @@ images; default 0), or upload it with the ``model`` it was meant for: JSON
 ``{"label", "request_id", "index"}`` / ``{"label", "image": base64, "model", "version"}``, or a
 multipart form with the same fields (the image in ``file``). The answer (201, or 200 for a
 duplicate) comes only after the image and its row are safely on disk.
+
+Feedback is one true class per image: a detector's images need boxes, which this store does not
+hold, so feedback for a detection model is refused (422 ``unsupported_task``) rather than stored
+as a label that would mean nothing to its training.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from visionflow.serve import _predict
 from visionflow.serve._errors import ServeError, _suggest, decode_error
 from visionflow.serve.deps import get_settings, get_source, require_predict
 from visionflow.serve.feedback import FeedbackStore, RequestCache, check_label
-from visionflow.serve.routes.models import classes_of
+from visionflow.serve.routes.models import classes_of, task_of
 from visionflow.serve.runtime import ModelSource
 from visionflow.serve.settings import ServeSettings
 
@@ -221,6 +225,14 @@ async def feedback(
         model = given
         entry = source.entry(model)
         version = entry.resolve(_version(fields.get("version")))
+    if task_of(source, source.entry(model), version) == "detect":
+        raise ServeError(
+            422,
+            "unsupported_task",
+            f"model {model!r} version {version} is a detector: feedback stores one true class "
+            "per image, not boxes; add corrected boxes to the detection dataset's annotations "
+            "(COCO, VOC or YOLO files) instead",
+        )
     classes = classes_of(source, source.entry(model), version) if version is not None else None
     if classes is not None and label not in classes and not settings.feedback_new_labels:
         raise ServeError(

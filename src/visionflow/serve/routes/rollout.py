@@ -81,8 +81,27 @@ async def put_policy(
     resolved = manager.check(name, policy, entry)
     for version in sorted(set(resolved.values())):  # warm before the first request needs it
         await run_in_threadpool(source.ensure_loaded, name, version)
+    _same_task(source, name, resolved)
     await run_in_threadpool(manager.set_policy, name, policy)
     return _view(manager, name)
+
+
+def _same_task(source: ModelSource, name: str, resolved: dict[str, int]) -> None:
+    """422 when a policy would mix a classifier and a detector: its clients would get
+    answers of two shapes from one URL (and a shadow could not compare them)."""
+    tasks: dict[str, list[str]] = {}
+    for where, version in sorted(resolved.items()):
+        lm = source.loaded(name, version)
+        if lm is not None:
+            tasks.setdefault(lm.task, []).append(f"{where} (version {version})")
+    if len(tasks) > 1:
+        kinds = "; ".join(f"{task}: {', '.join(where)}" for task, where in sorted(tasks.items()))
+        raise ServeError(
+            422,
+            "invalid_policy",
+            f"the policy mixes classifiers and detectors ({kinds}); share traffic only "
+            "between versions of one task",
+        )
 
 
 @router.get(
