@@ -1,0 +1,151 @@
+"""Training a detector: the run directory contract, the engine's detection batches, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from detection_data import CLASSES, make_dataset
+from typer.testing import CliRunner
+
+from visionflow.cli import app
+from visionflow.config import DetectConfig, load_detect_config
+from visionflow.data.detection import DetectionSample
+from visionflow.errors import CheckpointError, ConfigError, DataError
+from visionflow.models.detection import build_detector, rebuild_detector
+from visionflow.models.tasks.detection import DetectionTask
+from visionflow.train.checkpoint import load_weights
+from visionflow.train.detection import DetectionEngine, auto_img_size, train_detector
+from visionflow.train.engine import FitConfig
+
+TINY = dict(backbone="test_efficientnet", weights="none", img_size=64, budget=None, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("det")
+    data = make_dataset(root, images=20)
+    run = root / "run"
+    torch.set_num_threads(1)
+    train_detector(data, DetectConfig(detector="fcos", epochs=2, **TINY), run_dir=run)
+    return data, run
+
+
+def test_run_directory_contract(trained: tuple[Path, Path]) -> None:
+    _, run = trained
+    for name in (
+        "model.json", "model.safetensors", "index.json", "split.json", "config.json",
+        "metrics.json", "history.json", "report.html", "data_report.json",
+    ):  # fmt: skip
+        assert (run / name).is_file(), name
+    info = json.loads((run / "model.json").read_text())
+    assert info["task"] == "detect"
+    assert info["classes"] == sorted(CLASSES)
+    assert info["detector"]["name"] == "fcos"
+    assert 0.0 <= info["score_threshold"] <= 1.0
+    metrics = json.loads((run / "metrics.json").read_text())
+    for split in ("val", "test"):
+        assert 0.0 <= metrics[split]["map_50"] <= 1.0
+        assert set(metrics[split]["per_class"]) == set(CLASSES)
+    history = json.loads((run / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [0, 1]
+    assert all("val_map" in r and r["train_loss"] > 0 for r in history)
+    html = (run / "report.html").read_text()
+    assert "object detection" in html and "mAP@.5" in html and "AP@[.5:.95]" in html
+    assert len(list((run / "gallery").glob("*.png"))) >= 1
+
+
+def test_saved_weights_rebuild_the_trained_model(trained: tuple[Path, Path]) -> None:
+    _, run = trained
+    info = json.loads((run / "model.json").read_text())
+    model = rebuild_detector(info["detector"])
+    load_weights(run / "model.safetensors", model)
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        first = model([image])[0]
+        again = model([image])[0]
+    assert torch.equal(first["boxes"], again["boxes"])
+    assert first["labels"].min() >= 1 if len(first["labels"]) else True
+
+
+def test_a_finished_run_is_not_overwritten(trained: tuple[Path, Path]) -> None:
+    data, run = trained
+    with pytest.raises(CheckpointError, match="already holds a finished run"):
+        train_detector(data, DetectConfig(**TINY, epochs=1), run_dir=run)
+
+
+def test_frozen_backbone_stages_stay_frozen(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path, images=8)
+    from visionflow.data.detection.readers import read_detection
+    from visionflow.data.detection.transforms import DetectionDataset, collate_detection
+
+    index = read_detection(data)
+    model = build_detector(
+        "retinanet", backbone="test_efficientnet", num_classes=2, img_size=64, trainable_layers=1
+    )
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert frozen and trained
+    loader = torch.utils.data.DataLoader(
+        DetectionDataset(index.samples, index.classes), batch_size=4, collate_fn=collate_detection
+    )
+    engine = DetectionEngine(
+        model, DetectionTask(index.classes), FitConfig(epochs=1, lr=1e-2, channels_last=False)
+    )
+    engine.fit(loader)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in frozen.items())
+    assert any(not torch.equal(after[n], v) for n, v in trained.items())
+    assert {g["tag"] for g in engine._param_groups()} == {"backbone", "head"}
+
+
+def test_no_boxes_is_a_clear_error(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path, images=6)
+    for label in (data / "labels").rglob("*.txt"):
+        label.write_text("")
+    with pytest.raises(DataError, match="no usable boxes"):
+        train_detector(data, DetectConfig(**TINY, epochs=1), run_dir=tmp_path / "run")
+
+
+def test_auto_img_size() -> None:
+    def sample(w: int, h: int) -> DetectionSample:
+        return DetectionSample(path=Path("/x.png"), width=w, height=h)
+
+    assert auto_img_size([sample(200, 150)] * 3, "fcos") == 256
+    assert auto_img_size([sample(300, 400), sample(410, 300), sample(100, 90)], "fcos") == 416
+    assert auto_img_size([sample(4000, 3000)], "retinanet") == 512
+    assert auto_img_size([sample(200, 150)], "ssdlite") == 320
+
+
+def test_detect_config_rejects_unknown_keys_and_classification_flags(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="did you mean 'detector'"):
+        load_detect_config(overrides={"detecter": "fcos"})
+    assert load_detect_config(preset="fast").budget == "5m"
+    result = CliRunner().invoke(
+        app, ["train", str(tmp_path), "--task", "detect", "--mixup", "0.2", "--no-search"]
+    )
+    assert result.exit_code != 0
+    text = "".join(c for c in result.output if c.isalnum() or c in "-/ ")
+    assert "--mixup" in text and "only apply to --task classify" in " ".join(text.split())
+    result = CliRunner().invoke(app, ["train", str(tmp_path), "--detector", "fcos"])
+    assert result.exit_code != 0 and "only applies to --task detect" in result.output
+
+
+def test_cli_trains_a_detector(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path, images=12)
+    result = CliRunner().invoke(
+        app,
+        [
+            "train", str(data), "--task", "detect", "--detector", "ssdlite", "--epochs", "1",
+            "--backbone", "test_efficientnet", "--weights", "none", "--img-size", "64",
+            "--budget", "none", "--batch-size", "4", "--out", str(tmp_path / "runs"),
+            "--name", "cli", "--json",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["task"] == "detect" and payload["detector"] == "ssdlite"
+    assert set(payload["metrics"]) == {"val", "test"}
+    assert (tmp_path / "runs" / "cli" / "model.json").is_file()
