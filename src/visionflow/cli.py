@@ -371,13 +371,31 @@ def predict(
     topk: Annotated[int, typer.Option(help="Alternatives per image.")] = 3,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda...")] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON (--format json).")] = False,
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="Detectors: show boxes scoring at least this [the model's own]."),
+    ] = None,
+    draw: Annotated[
+        Path | None,
+        typer.Option(
+            "--draw",
+            help="Detectors: write a copy of each image with its boxes drawn into this folder "
+            "(<name>.boxes.png; inputs are never overwritten).",
+        ),
+    ] = None,
 ) -> None:
-    """Predict the class of images with a trained run or an exported bundle (ONNX Runtime)."""
+    """Classify images, or detect objects in them, with a trained run or an exported bundle
+    (ONNX Runtime)."""
     from visionflow import load
     from visionflow.errors import ImageDecodeError
     from visionflow.prediction import expand_inputs
 
     model = load(run, device=device)
+    detector = getattr(model, "task", "classify") == "detect"
+    if not detector and (draw is not None or threshold is not None):
+        raise typer.BadParameter("--draw and --threshold apply to detectors only")
+    fmt = OutputFormat.json if json_out else fmt
     paths = expand_inputs(images)
     if not paths:
         raise typer.BadParameter("no image files found in the given paths")
@@ -390,31 +408,46 @@ def predict(
             sources.append(str(path))
         except ImageDecodeError as exc:
             failures.append({"source": str(path), "error": exc.reason})
-    results = [
-        replace(r, source=src)
-        for r, src in zip(
-            model.predict(decoded, topk=topk, batch_size=batch_size), sources, strict=True
+    if detector:
+        from visionflow.export.detect_cli import report_detections
+
+        report_detections(
+            model,
+            decoded,
+            sources,
+            fmt=fmt.value,
+            threshold=threshold,
+            draw=draw,
+            errors=failures,
+            console=out,
         )
-    ]
-    rows = [r.to_json() for r in results]
-    if fmt is OutputFormat.json:
-        out.print_json(json.dumps({"predictions": rows, "errors": failures}))
-    elif fmt is OutputFormat.csv:
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(["source", "label", "probability", "topk"])
-        for r in rows:
-            alts = ";".join(f"{t['label']}:{t['probability']:.4f}" for t in r["topk"])
-            writer.writerow([r["source"], r["label"], f"{r['probability']:.6f}", alts])
-        sys.stdout.write(buf.getvalue())
     else:
-        table = Table()
-        for col in ("image", "label", "probability", f"top-{topk}"):
-            table.add_column(col)
-        for r in rows:
-            alts = ", ".join(f"{t['label']} {t['probability']:.2f}" for t in r["topk"])
-            table.add_row(r["source"], r["label"], f"{r['probability']:.3f}", alts)
-        out.print(table)
+        classifier: Any = model
+        results = [
+            replace(r, source=src)
+            for r, src in zip(
+                classifier.predict(decoded, topk=topk, batch_size=batch_size), sources, strict=True
+            )
+        ]
+        rows = [r.to_json() for r in results]
+        if fmt is OutputFormat.json:
+            out.print_json(json.dumps({"predictions": rows, "errors": failures}))
+        elif fmt is OutputFormat.csv:
+            buf = io.StringIO()
+            writer = csv.writer(buf)
+            writer.writerow(["source", "label", "probability", "topk"])
+            for r in rows:
+                alts = ";".join(f"{t['label']}:{t['probability']:.4f}" for t in r["topk"])
+                writer.writerow([r["source"], r["label"], f"{r['probability']:.6f}", alts])
+            sys.stdout.write(buf.getvalue())
+        else:
+            table = Table()
+            for col in ("image", "label", "probability", f"top-{topk}"):
+                table.add_column(col)
+            for r in rows:
+                alts = ", ".join(f"{t['label']} {t['probability']:.2f}" for t in r["topk"])
+                table.add_row(r["source"], r["label"], f"{r['probability']:.3f}", alts)
+            out.print(table)
     for f in failures:
         err.print(f"[red]skipped[/] {f['source']}: {f['error']}", highlight=False)
     if failures:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from visionflow._cpu import cpu_count
+from visionflow.errors import BundleError
 from visionflow.export.runtime import GRAPHS, BundleModel, load_bundle, make_session
 
 __all__ = ["BenchRow", "benchmark_bundle", "cpu_info", "markdown_table", "op_profile"]
@@ -111,6 +112,16 @@ def _torch_runner(bundle_dir: Path, meta: dict[str, Any], threads: int | None) -
     return run
 
 
+def _classifier(model: Any, path: str | Path) -> BundleModel:
+    """``model`` if it is a classifier: the timings here feed classifier batches."""
+    if not isinstance(model, BundleModel):
+        raise BundleError(
+            f"{path} is a {getattr(model, 'task', '?')} bundle; benchmark measures classifier "
+            "bundles only"
+        )
+    return model
+
+
 def benchmark_bundle(
     path: str | Path,
     *,
@@ -134,7 +145,7 @@ def benchmark_bundle(
         data: A labelled folder: accuracy is measured on it instead of read from the bundle.
         seed: Seed of the random input pixels.
     """
-    default = load_bundle(path, threads=threads)
+    default = _classifier(load_bundle(path, threads=threads), path)
     meta, side = default.meta, default.preprocessing.input_size
     rows: list[BenchRow] = []
 
@@ -185,7 +196,7 @@ def op_profile(
     ONNX Runtime's profiler on a ``batch`` of random pixels."""
     import onnxruntime as ort
 
-    model = load_bundle(path, graph=graph)
+    model = _classifier(load_bundle(path, graph=graph), path)
     side = model.preprocessing.input_size
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

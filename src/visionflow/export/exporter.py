@@ -291,6 +291,9 @@ def export_run(
 ) -> ExportResult:
     """Export the finished run in ``run_dir`` as a bundle.
 
+    A detection run (``model.json`` task ``"detect"``) is exported by
+    :func:`visionflow.export.detection.export_detection_run` with the same options.
+
     Args:
         run_dir: A run directory made by ``visionflow train``.
         out: ``*.vfb`` for a single file, anything else for a directory; default
@@ -309,12 +312,27 @@ def export_run(
         CheckpointError: ``run_dir`` holds no finished model, or its images are gone.
         ExportError: export, parity or quantisation failed.
     """
+    run = Path(run_dir)
+    if _run_task(run) == "detect":
+        from visionflow.export.detection import export_detection_run
+
+        return export_detection_run(
+            run,
+            out,
+            int8=int8,
+            fp16=fp16,
+            max_int8_drop=max_int8_drop,
+            calibration_images=calibration_images,
+            max_eval_images=max_eval_images,
+            threads=threads,
+            overwrite=overwrite,
+            progress=progress,
+        )
     from visionflow.api import ClassifierModel
     from visionflow.export.onnx import check_parity, export_classifier, make_session
     from visionflow.export.quantize import convert_fp16, quantize_int8
 
     say = progress or (lambda _line: None)
-    run = Path(run_dir)
     target = Path(out) if out is not None else run / f"model{ARCHIVE_SUFFIX}"
     if target.exists() and not overwrite:
         raise ExportError(f"{target} exists; pass --overwrite to replace it")
@@ -455,6 +473,16 @@ def export_run(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return ExportResult(path=path, meta=meta)
+
+
+def _run_task(run: Path) -> str | None:
+    """The task a run directory's ``model.json`` declares (``None`` when it cannot be read:
+    the classifier's loader then says what is wrong)."""
+    try:
+        task = read_json(run / "model.json").get("task")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(task) if task is not None else None
 
 
 def _headline_metrics(run_metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:

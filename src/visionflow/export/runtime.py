@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from visionflow.prediction import (
     to_image,
     top_k,
 )
+
+if TYPE_CHECKING:
+    from visionflow.export.detect_runtime import DetectionBundleModel
 
 __all__ = ["GRAPHS", "BundleModel", "is_bundle", "load_bundle", "make_session", "softmax"]
 
@@ -173,8 +176,11 @@ def load_bundle(
     threads: int | None = None,
     providers: Sequence[str] | None = None,
     cache_dir: str | Path | None = None,
-) -> BundleModel:
+) -> BundleModel | DetectionBundleModel:
     """Open, verify and load a bundle (directory or ``.vfb``) on ONNX Runtime.
+
+    A classification bundle gives a :class:`BundleModel`, a detection bundle (task
+    ``"detect"``) a :class:`~visionflow.export.detect_runtime.DetectionBundleModel`.
 
     Args:
         path: The bundle.
@@ -185,6 +191,10 @@ def load_bundle(
         cache_dir: Where archives are extracted.
     """
     bundle = open_bundle(path, cache_dir=cache_dir)
+    if bundle.meta.get("task") == "detect":
+        from visionflow.export.detect_runtime import load_detection_bundle
+
+        return load_detection_bundle(bundle, graph=graph, threads=threads, providers=providers)
     if bundle.meta.get("task") != "classify":
         raise BundleError(f"{path}: task {bundle.meta.get('task')!r} is not classification")
     if graph == "default":

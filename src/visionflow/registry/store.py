@@ -63,6 +63,7 @@ from visionflow.errors import BundleError, MissingDependencyError, RegistryError
 from visionflow.export.bundle import MANIFEST, open_bundle, verify_bundle
 
 if TYPE_CHECKING:
+    from visionflow.export.detect_runtime import DetectionBundleModel
     from visionflow.export.runtime import BundleModel
 
 __all__ = ["DEFAULT_ALIAS", "ModelVersion", "Registry"]
@@ -240,7 +241,9 @@ class Registry:
         verify_bundle(version.path)
         return version
 
-    def load(self, name: str, ref: int | str = DEFAULT_ALIAS, **kwargs: Any) -> BundleModel:
+    def load(
+        self, name: str, ref: int | str = DEFAULT_ALIAS, **kwargs: Any
+    ) -> BundleModel | DetectionBundleModel:
         """Load a version on ONNX Runtime, verifying it first.
 
         ``model.json`` must still have the sha256 recorded when the version was added, and
