@@ -26,6 +26,7 @@ from visionflow.errors import BundleError, CheckpointError, ExportError
 from visionflow.export.detect_cli import drawing_paths
 from visionflow.export.detect_runtime import DetectionBundleModel, run_detection_graph
 from visionflow.export.detection import (
+    _excused,
     _export_transform_class,
     check_detection_parity,
     export_detector,
@@ -241,6 +242,20 @@ def test_parity_check_fails_on_a_graph_of_other_weights(ssd_run, tmp_path):
             p.add_(0.05 * torch.randn_like(p))
     with pytest.raises(ExportError, match=r"disagrees with PyTorch.*no partner"):
         check_detection_parity(model, session, [_pixels(56, 56, 4)], score_threshold=0.25)
+
+
+def test_only_float_rounding_excuses_a_missing_detection():
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 15], [50, 50, 60, 60]], dtype=np.float32)
+    own = (boxes, np.array([0.9, 0.8, 0.7], np.float32), np.array([1, 1, 2]))
+    other = np.array([0.9, 0.4], np.float32)
+
+    def excused(k: int, threshold: float = 0.3, full: int = 100) -> bool:
+        return _excused(k, own, other, threshold, 1e-3, 2 / 3, full)  # IoU(0, 1) = 2/3
+
+    assert excused(1)  # box 1 lost to NMS at an IoU equal to the NMS threshold
+    assert not excused(2)  # a lone, confident box: a real disagreement
+    assert excused(2, threshold=0.6995)  # at the display threshold
+    assert excused(2, full=3)  # the weakest of a list cut at detections_per_img
 
 
 def test_tampered_bundle_is_refused(ssd_bundle, tmp_path):

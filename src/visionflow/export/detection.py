@@ -354,7 +354,9 @@ class DetectionParity:
         max_box_diff: Largest coordinate difference of matched pairs, pixels (all scores).
         max_box_diff_rel: The same divided by the image's longer side.
         max_score_diff: Largest score difference of matched pairs (all scores).
-        label_agreement: Matched pairs above the threshold with the same class.
+        label_agreement: PyTorch detections at or above the threshold where both engines name
+            the same class for the strongest detection overlapping them (IoU >= 0.5): the
+            class a person would see there.
         count_agreement: Images with as many detections above the threshold in both.
         exempt: Unmatched detections excused as rounding (see the module docstring).
         tolerances: ``box_atol``, ``box_rtol``, ``score_atol`` used.
@@ -382,7 +384,6 @@ class _Tally:
     detections: int = 0
     matched: int = 0
     same_label: int = 0
-    pairs_above: int = 0
     counts_equal: int = 0
     box: float = 0.0
     box_rel: float = 0.0
@@ -400,23 +401,38 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _pair(
-    ref: tuple[np.ndarray, np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarray, np.ndarray]
+    ref: tuple[np.ndarray, np.ndarray, np.ndarray],
+    got: tuple[np.ndarray, np.ndarray, np.ndarray],
+    box_tol: float,
+    score_tol: float,
 ) -> list[tuple[int, int]]:
-    """One-to-one pairs ``(i, j)``: each PyTorch detection, strongest first, takes the unpaired
-    graph detection nearest to it (box, then score), preferring the same class."""
+    """One-to-one partners ``(i, j)``: each PyTorch detection, strongest first, takes the
+    nearest unpaired graph detection (box, then score) of its class within the tolerances;
+    one without such a partner stays unpaired and takes nothing from the others."""
     rb, rs, rl = ref
     gb, gs, gl = got
     free = np.ones(len(gs), dtype=bool)
     pairs = []
     for i in np.argsort(-rs, kind="stable"):
-        if not free.any():
-            break
-        cost = np.abs(gb - rb[i]).max(axis=1) + np.abs(gs - rs[i]) + 1e9 * (gl != rl[i])
-        cost[~free] = np.inf
+        box = np.abs(gb - rb[i]).max(axis=1) if len(gs) else np.zeros(0)
+        score = np.abs(gs - rs[i])
+        ok = free & (gl == rl[i]) & (box <= box_tol) & (score <= score_tol)
+        if not ok.any():
+            continue
+        cost = np.where(ok, box + score, np.inf)
         j = int(np.argmin(cost))
         free[j] = False
         pairs.append((int(i), j))
     return pairs
+
+
+def _strongest(dets: tuple[np.ndarray, np.ndarray, np.ndarray], box: np.ndarray) -> int:
+    """The label of the strongest detection overlapping ``box`` by IoU >= 0.5 (-1: none)."""
+    boxes, scores, labels = dets
+    near = _iou(box, boxes) >= 0.5 if len(scores) else np.zeros(0, dtype=bool)
+    if not near.any():
+        return -1
+    return int(labels[near][np.argmax(scores[near])])
 
 
 def _excused(
@@ -469,7 +485,7 @@ def check_detection_parity(
 
     Raises:
         ExportError: A detection at or above the threshold has no partner within tolerance;
-            the message names the image and the worst difference.
+            the message names the image and the detection.
     """
     from visionflow.models.detection import detector_info
 
@@ -488,21 +504,16 @@ def check_detection_parity(
         above_g = got[1] >= score_threshold
         tally.detections += int(above_r.sum())
         tally.counts_equal += int(above_r.sum() == above_g.sum())
-        for i, j in _pair(ref, got):
+        for i, j in _pair(ref, got, tol, score_atol):
             box = float(np.abs(got[0][j] - ref[0][i]).max())
-            score = abs(float(got[1][j] - ref[1][i]))
-            same = bool(got[2][j] == ref[2][i])
-            if not (same and box <= tol and score <= score_atol):
-                continue  # not a partner: each side is judged as unmatched below
             paired_ref.add(i)
             paired_got.add(j)
             tally.box = max(tally.box, box)
             tally.box_rel = max(tally.box_rel, box / side)
-            tally.score = max(tally.score, score)
-            if above_r[i] or above_g[j]:
-                tally.pairs_above += 1
-                tally.same_label += int(same)
-                tally.matched += int(above_r[i])
+            tally.score = max(tally.score, abs(float(got[1][j] - ref[1][i])))
+            tally.matched += int(above_r[i])
+        for r in np.flatnonzero(above_r):
+            tally.same_label += int(_strongest(ref, ref[0][r]) == _strongest(got, ref[0][r]))
         for name, own, other, paired, above in (
             ("PyTorch", ref, got, paired_ref, above_r),
             ("ONNX", got, ref, paired_got, above_g),
@@ -527,7 +538,7 @@ def check_detection_parity(
         max_box_diff=tally.box,
         max_box_diff_rel=tally.box_rel,
         max_score_diff=tally.score,
-        label_agreement=tally.same_label / tally.pairs_above if tally.pairs_above else 1.0,
+        label_agreement=tally.same_label / tally.detections if tally.detections else 1.0,
         count_agreement=tally.counts_equal / max(1, len(images)),
         exempt=tally.exempt,
         tolerances={"box_atol": box_atol, "box_rtol": box_rtol, "score_atol": score_atol},
