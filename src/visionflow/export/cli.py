@@ -32,7 +32,11 @@ def export(
     int8: Annotated[bool, typer.Option("--int8", help="Add a calibrated INT8 graph.")] = False,
     fp16: Annotated[bool, typer.Option("--fp16", help="Add an FP16 graph (GPU serving).")] = False,
     max_int8_drop: Annotated[
-        float, typer.Option(help="Accuracy points INT8 may lose and still be the default.")
+        float,
+        typer.Option(
+            help="Accuracy (classifiers) or mAP@.5 (detectors) points INT8 may lose and still "
+            "be the default."
+        ),
     ] = 1.0,
     calibration_images: Annotated[int, typer.Option(help="Training images for INT8.")] = 256,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
@@ -56,13 +60,25 @@ def export(
         summary = {k: v for k, v in meta.items() if k != "reference"}
         out.print_json(json.dumps({"bundle": str(result.path), "manifest": summary}))
         return
+    detector = meta.get("task") == "detect"
+    quality, key = (
+        ("validation mAP@.5", "val_map_50") if detector else ("validation accuracy", "val_accuracy")
+    )
     table = Table(title=str(result.path))
-    for col in ("graph", "file", "validation accuracy", "note"):
+    for col in ("graph", "file", quality, "note"):
         table.add_column(col)
     for kind, g in meta["graphs"].items():
         note = "default" if g["file"] == meta["default_graph"] else g.get("note", "")
-        table.add_row(kind, g["file"], _pct(g.get("val_accuracy")), note)
+        table.add_row(kind, g["file"], _pct(g.get(key)), note)
     out.print(table)
+    if detector:
+        p = meta["graphs"]["fp32"]["parity"]
+        out.print(
+            f"parity with PyTorch on {p['images']} images: {p['matched']}/{p['detections']} "
+            f"detections >= {p['score_threshold']:g} found, max box diff {p['max_box_diff']:.2g} "
+            f"px, max score diff {p['max_score_diff']:.2g}",
+            highlight=False,
+        )
     out.print(f"bundle written: [bold]{result.path}[/]", highlight=False)
 
 
