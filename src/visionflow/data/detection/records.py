@@ -60,6 +60,8 @@ ISSUE_KINDS = {
     "outside": "a box entirely outside the image (dropped)",
     "duplicate": "a box repeating another of the same class, IoU above the limit (removed)",
     "unreadable_image": "the image file's pixels cannot be decoded (image dropped)",
+    "nested_dataset": "the folder is not a dataset but holds one (or the same one in several "
+    "formats); the first was read",
 }
 
 

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from visionflow.data._registry import ReaderRegistry
-from visionflow.data.detection.records import DetectionIndex
+from visionflow.data.detection.records import DetectionIndex, Issue
+from visionflow.errors import DataError
 
 __all__ = [
     "DetectionReaderFn",
@@ -72,7 +75,52 @@ def read_detection(path: str | os.PathLike[str], *, format: str = "auto") -> Det
         DataError: The path does not exist, matches no known layout or is malformed.
         ConfigError: ``format`` names no reader.
     """
-    return _REGISTRY.read(path, format=format)
+    try:
+        return _REGISTRY.read(path, format=format)
+    except DataError as exc:
+        inside = _datasets_inside(Path(path).expanduser()) if format == "auto" else []
+        if not inside:
+            raise
+        found = ", ".join(f"{sub.name}/ ({name})" for sub, name in inside)
+        indexes = [_REGISTRY.read(sub, format=name) for sub, name in inside]
+        if any(_signature(i) != _signature(indexes[0]) for i in indexes[1:]):
+            raise DataError(
+                f"{path} is not a dataset itself but holds {len(inside)} that differ: {found}; "
+                f"point at one of them (e.g. {inside[0][0]})"
+            ) from exc
+        first = indexes[0]
+        note = Issue(
+            kind="nested_dataset",
+            source=str(path),
+            message=f"{path} is not a dataset itself; it holds {found}"
+            + (" with the same images and boxes" if len(inside) > 1 else ""),
+            action=f"read {inside[0][0].name}/",
+        )
+        return replace(first, issues=[note, *first.issues])
+
+
+def _signature(index: DetectionIndex) -> list[tuple[Any, ...]]:
+    """What two readings of the same labels share: file names, sizes, boxes to 0.01 px (YOLO
+    stores normalised numbers), classes and splits, in a stable order."""
+    out = []
+    for s in index.samples:
+        boxes = (tuple(round(v, 2) for v in b) for b in s.boxes)
+        objects = tuple(sorted(zip(s.labels, boxes, strict=True)))
+        out.append((s.path.name, s.width, s.height, s.split, objects))
+    return sorted(out)
+
+
+def _datasets_inside(path: Path) -> list[tuple[Path, str]]:
+    """Sub-folders of ``path`` that are datasets of a known layout (a folder holding the same
+    labels in several formats is a common way to ship them)."""
+    if not path.is_dir():
+        return []
+    found = []
+    for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+        name = _REGISTRY.detect(sub)
+        if name is not None:
+            found.append((sub, name))
+    return found
 
 
 # Import the built-in readers last so that they can register themselves; the import order is
