@@ -267,7 +267,7 @@ def test_hard_link_fallback_copies_across_devices(det_datasets, tmp_path, monkey
 def test_readme_example_runs(det_datasets, tmp_path):
     """The Python example of the README's detection section, on the fixture's VOC dataset."""
     readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Object detection (in progress): data", 1)[1]
+    section = readme.split("### Detection data", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     code = code.replace('"data/voc_coco"', repr(str(tmp_path / "voc_coco")))
     code = code.replace('"data/voc"', repr(str(det_datasets["voc"])))

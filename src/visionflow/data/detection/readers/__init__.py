@@ -75,10 +75,14 @@ def read_detection(path: str | os.PathLike[str], *, format: str = "auto") -> Det
         DataError: The path does not exist, matches no known layout or is malformed.
         ConfigError: ``format`` names no reader.
     """
+    root = Path(path).expanduser()
     try:
         return _REGISTRY.read(path, format=format)
     except DataError as exc:
-        inside = _datasets_inside(Path(path).expanduser()) if format == "auto" else []
+        # only a folder of no known layout is looked into; a dataset that failed to read
+        # (malformed, a path escaping it...) keeps its own error
+        nested = format == "auto" and root.is_dir() and _REGISTRY.detect(root) is None
+        inside = _datasets_inside(root) if nested else []
         if not inside:
             raise
         found = ", ".join(f"{sub.name}/ ({name})" for sub, name in inside)
