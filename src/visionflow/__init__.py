@@ -10,16 +10,26 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["AutoClassifier", "ClassifierModel", "__version__", "load"]
+__all__ = [
+    "AutoClassifier",
+    "AutoDetector",
+    "ClassifierModel",
+    "DetectorModel",
+    "__version__",
+    "load",
+]
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from visionflow.api import AutoClassifier, ClassifierModel
+    from visionflow.api import AutoClassifier, AutoDetector, ClassifierModel, DetectorModel
+    from visionflow.export.detect_runtime import DetectionBundleModel
     from visionflow.export.runtime import BundleModel
 
 
-def load(path: str | Path, *, device: str = "auto") -> ClassifierModel | BundleModel:
+def load(
+    path: str | Path, *, device: str = "auto"
+) -> ClassifierModel | DetectorModel | BundleModel | DetectionBundleModel:
     """Load a trained model: a bundle (``.vfb`` file or exported directory) on ONNX Runtime,
     verified first and without importing PyTorch, or a run directory (``runs/<name>``)."""
     from visionflow.export.runtime import is_bundle, load_bundle
@@ -32,7 +42,7 @@ def load(path: str | Path, *, device: str = "auto") -> ClassifierModel | BundleM
 
 
 def __getattr__(name: str) -> Any:
-    if name in {"AutoClassifier", "ClassifierModel"}:
+    if name in {"AutoClassifier", "AutoDetector", "ClassifierModel", "DetectorModel"}:
         from visionflow import api
 
         return getattr(api, name)

@@ -20,6 +20,7 @@ from visionflow.errors import CheckpointError, ConfigError
 from visionflow.models.backbones import create_backbone
 from visionflow.models.heads import LinearHead, TaskModel
 from visionflow.prediction import (
+    Detections,
     ImageInput,
     Prediction,
     as_list,
@@ -34,9 +35,18 @@ from visionflow.train.recipe import RunResult, train_classifier
 
 if TYPE_CHECKING:
     from visionflow.explain.cam import Explanation
+    from visionflow.export.detect_runtime import DetectionBundleModel
     from visionflow.export.runtime import BundleModel
 
-__all__ = ["AutoClassifier", "ClassifierModel", "Prediction", "expand_inputs", "load"]
+__all__ = [
+    "AutoClassifier",
+    "AutoDetector",
+    "ClassifierModel",
+    "DetectorModel",
+    "Prediction",
+    "expand_inputs",
+    "load",
+]
 
 
 class ClassifierModel:
@@ -170,9 +180,67 @@ class ClassifierModel:
         )
 
 
-def load(path: str | Path, *, device: str = "auto") -> ClassifierModel | BundleModel:
+class DetectorModel:
+    """A trained detector loaded from a run directory; detects on the CPU or GPU (PyTorch).
+
+    Use :func:`load` rather than the constructor. A bundle of the same run answers the same
+    through ONNX Runtime (:class:`~visionflow.export.detect_runtime.DetectionBundleModel`).
+
+    Attributes:
+        model: The torchvision detector, in eval mode.
+        classes: Class names in id order.
+        info: The run's ``model.json``.
+        score_threshold: Detections below it are not returned by default (the best F1 on the
+            run's validation split).
+    """
+
+    task = "detect"
+
+    def __init__(self, model: torch.nn.Module, info: dict[str, Any], run_dir: Path) -> None:
+        self.model = model
+        self.info = info
+        self.run_dir = run_dir
+        self.classes: list[str] = list(info["classes"])
+        self.score_threshold = float(info.get("score_threshold", 0.3))
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, *, device: str = "auto") -> DetectorModel:
+        from visionflow.export.detection import load_detector_run
+
+        configure_threads()
+        model, info = load_detector_run(run_dir, device=device)
+        return cls(model, info, Path(run_dir))
+
+    def predict(
+        self,
+        inputs: ImageInput | Sequence[ImageInput],
+        *,
+        score_threshold: float | None = None,
+        max_pixels: int = 64_000_000,
+    ) -> list[Detections]:
+        """Boxes, scores and class names per input (paths, PIL images, arrays or bytes)."""
+        from visionflow.export.detection import torch_detect
+
+        threshold = self.score_threshold if score_threshold is None else score_threshold
+        return torch_detect(
+            self.model, self.classes, inputs, score_threshold=threshold, max_pixels=max_pixels
+        )
+
+    def evaluate(self, data: str | Path) -> dict[str, Any]:
+        """COCO metrics on a labelled detection dataset (COCO, VOC or YOLO)."""
+        from visionflow.export.detect_runtime import evaluate_dataset as evaluate_detections_on
+
+        return evaluate_detections_on(
+            lambda path: self.predict(path, score_threshold=0.0)[0], self.classes, data
+        )
+
+
+def load(
+    path: str | Path, *, device: str = "auto"
+) -> ClassifierModel | DetectorModel | BundleModel | DetectionBundleModel:
     """Load a trained model: a run directory (``runs/<name>``, PyTorch) or a bundle (a ``.vfb``
-    file or an exported directory, ONNX Runtime; verified before use)."""
+    file or an exported directory, ONNX Runtime; verified before use). Classifiers and
+    detectors alike: the ``task`` of the result says which."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p} does not exist")
@@ -181,8 +249,22 @@ def load(path: str | Path, *, device: str = "auto") -> ClassifierModel | BundleM
     if is_bundle(p):
         return load_bundle(p)
     if p.is_dir():
+        if _run_task(p) == "detect":
+            return DetectorModel.from_run(p, device=device)
         return ClassifierModel.from_run(p, device=device)
     raise CheckpointError(f"{p}: expected a run directory or a model bundle (.vfb)")
+
+
+def _run_task(run: Path) -> str | None:
+    """The task a run directory's ``model.json`` declares (``None`` without one)."""
+    path = run / "model.json"
+    if not path.is_file():
+        return None
+    try:
+        task = read_json(path).get("task")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(task) if task else None
 
 
 def default_run_name(data: str | Path) -> str:
@@ -304,3 +386,81 @@ class AutoClassifier:
 
         self._fitted()
         return export_run(self.run_dir_, out, int8=int8, fp16=fp16, overwrite=overwrite).path
+
+
+class AutoDetector:
+    """Train an object detector within a time budget.
+
+    Example::
+
+        det = visionflow.AutoDetector(budget="15m").fit("data/screws_coco")
+        det.evaluate("data/screws_test")
+        det.predict(["a.jpg"])[0].to_json()
+        det.export("screws.vfb")
+
+    Args:
+        budget: Wall-clock budget such as ``"15m"`` (``None``: no limit).
+        preset: ``fast``, ``medium`` or ``best`` (they set the budget).
+        config: A YAML/JSON settings file.
+        runs_dir: Parent directory of run directories.
+        name: Run name (default: dataset name plus a timestamp).
+        verbose: Print progress to the terminal.
+        **settings: Any :class:`~visionflow.config.DetectConfig` field (``detector``,
+            ``backbone``, ``img_size``...).
+    """
+
+    def __init__(
+        self,
+        *,
+        budget: str | float | None = "10m",
+        preset: str | None = None,
+        config: str | Path | None = None,
+        runs_dir: str | Path = "runs",
+        name: str | None = None,
+        verbose: bool = False,
+        **settings: Any,
+    ) -> None:
+        self.budget = budget
+        self.preset = preset
+        self.config = config
+        self.runs_dir = runs_dir
+        self.name = name
+        self.verbose = verbose
+        self.settings = settings
+
+    def fit(self, data: str | Path) -> AutoDetector:
+        """Check the data, train and evaluate; the run lands in ``runs_dir/name``."""
+        from visionflow.config import load_detect_config
+        from visionflow.train.detection import train_detector
+
+        overrides = dict(self.settings)
+        overrides["budget"] = str(self.budget) if self.budget is not None else "none"
+        cfg = load_detect_config(preset=self.preset, file=self.config, overrides=overrides)
+        run_dir = Path(self.runs_dir) / (self.name or default_run_name(data))
+        console = Console(stderr=True) if self.verbose else None
+        self.result_ = train_detector(data, cfg, run_dir=run_dir, console=console)
+        self.run_dir_ = self.result_.run_dir
+        self.model_ = DetectorModel.from_run(self.run_dir_, device=cfg.device)
+        self.classes_ = self.model_.classes
+        return self
+
+    def _fitted(self) -> DetectorModel:
+        if not hasattr(self, "model_"):
+            raise ConfigError("this AutoDetector is not fitted yet; call .fit(data) first")
+        return self.model_
+
+    def predict(
+        self, inputs: ImageInput | Sequence[ImageInput], *, score_threshold: float | None = None
+    ) -> list[Detections]:
+        """Boxes, scores and class names per input."""
+        return self._fitted().predict(inputs, score_threshold=score_threshold)
+
+    def evaluate(self, data: str | Path) -> dict[str, Any]:
+        return self._fitted().evaluate(data)
+
+    def export(self, out: str | Path, *, int8: bool = False, overwrite: bool = False) -> Path:
+        """Write the fitted detector as a verified bundle (ONNX with post-processing)."""
+        from visionflow.export.exporter import export_run
+
+        self._fitted()
+        return export_run(self.run_dir_, out, int8=int8, overwrite=overwrite).path

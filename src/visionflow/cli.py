@@ -151,16 +151,51 @@ def train(
             "'lr={low: 1e-5, high: 1e-3}' (repeatable).",
         ),
     ] = None,
+    task: Annotated[
+        str,
+        typer.Option(
+            help="classify (a folder per class or a CSV) or detect (COCO, Pascal VOC or YOLO)."
+        ),
+    ] = "classify",
+    detector: Annotated[
+        str | None,
+        typer.Option(help="--task detect: fcos (auto), retinanet, fasterrcnn_fpn or ssdlite."),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Check the data, search and train a classifier within the budget, evaluate it and write
-    a report. Re-running the same command with the same --name continues an interrupted search.
+    """Check the data, search and train a classifier (or train a detector with --task detect)
+    within the budget, evaluate it and write a report. Re-running the same command with the
+    same --name continues an interrupted search.
     """
     from visionflow.api import default_run_name
     from visionflow.config import load_search_config, load_train_config
     from visionflow.train.recipe import train_classifier
 
     console = None if json_out else err
+    if task not in ("classify", "detect"):
+        raise typer.BadParameter(f"--task is classify or detect, not {task!r}")
+    if task == "detect" or (resume is not None and _run_task(resume) == "detect"):
+        classify_only = {
+            "--strategy": strategy, "--mixup": mixup, "--cutmix": cutmix, "--balance": balance,
+            "--split": split, "--labels": labels, "--search/--no-search": search,
+            "--workers": workers, "--storage": storage, "--trials": trials, "--pruner": pruner,
+            "--space": space, "--param": param,
+        }  # fmt: skip
+        given = [flag for flag, value in classify_only.items() if value]
+        if given:
+            raise typer.BadParameter(f"{', '.join(given)} only apply to --task classify")
+        _train_detector(
+            data, resume, out_dir, name, preset, config, json_out, console,
+            {
+                "budget": budget, "detector": detector, "backbone": backbone, "weights": weights,
+                "img_size": img_size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                "augment": augment, "hflip": hflip, "val_fraction": val_fraction,
+                "test_fraction": test_fraction, "seed": seed, "device": device,
+            },
+        )  # fmt: skip
+        return
+    if detector is not None:
+        raise typer.BadParameter("--detector only applies to --task detect")
     if resume is not None and (resume / "search.json").is_file():
         from visionflow.search.runner import search_classifier
 
@@ -228,6 +263,75 @@ def train(
         out.print_json(json.dumps(payload))
         return
     _print_summary(result.metrics, result.run_dir, result.report_path, result.seconds)
+
+
+def _run_task(run_dir: Path) -> str | None:
+    """The task of an existing run directory (from its saved config), if it has one."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        found = json.loads(path.read_text(encoding="utf-8")).get("task")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(found) if found else None
+
+
+def _train_detector(
+    data: Path | None,
+    resume: Path | None,
+    out_dir: Path,
+    name: str | None,
+    preset: str | None,
+    config: Path | None,
+    json_out: bool,
+    console: Console | None,
+    overrides: dict[str, Any],
+) -> None:
+    from visionflow.api import default_run_name
+    from visionflow.config import load_detect_config
+    from visionflow.train.detection import train_detector
+
+    if resume is None and data is None:
+        raise typer.BadParameter("give a DATA path, or --resume RUN")
+    cfg = None
+    if resume is None:
+        assert data is not None
+        cfg = load_detect_config(preset=preset, file=config, overrides=overrides)
+        run_dir = out_dir / (name or default_run_name(data))
+    else:
+        run_dir = resume
+    try:
+        result = train_detector(
+            data or run_dir, cfg, run_dir=run_dir, resume=resume is not None, console=console
+        )
+    except KeyboardInterrupt:
+        err.print(f"[yellow]interrupted[/]; continue with: visionflow train --resume {run_dir}")
+        raise typer.Exit(130) from None
+    headline = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
+    payload = {
+        "run_dir": str(result.run_dir),
+        "task": "detect",
+        "detector": result.detector,
+        "seconds": round(result.seconds, 1),
+        "score_threshold": result.score_threshold,
+        "report": str(result.report_path) if result.report_path else None,
+        "metrics": {k: {m: v.get(m) for m in headline} for k, v in result.metrics.items()},
+    }
+    if json_out:
+        out.print_json(json.dumps(payload))
+        return
+    main = result.metrics.get("test") or result.metrics.get("val") or {}
+    split = "test" if "test" in result.metrics else "val"
+    out.print(
+        f"[bold]{result.detector}[/]: {split} mAP@.5 {_num(main.get('map_50'))}, "
+        f"mAP@[.5:.95] {_num(main.get('map'))} in {result.seconds:.0f} s\n"
+        f"run: {result.run_dir}\nreport: {result.report_path}"
+    )
+
+
+def _num(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value):.3f}"
 
 
 def _run_search(

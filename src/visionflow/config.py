@@ -251,7 +251,9 @@ def _did_you_mean(key: str, known: list[str]) -> str:
 
 
 def _validate(
-    data: dict[str, Any], where: str, model: type[_Config] = TrainConfig  # type: ignore[assignment]
+    data: dict[str, Any],
+    where: str,
+    model: type[_Config] = TrainConfig,  # type: ignore[assignment]
 ) -> _Config:
     known = list(model.model_fields)
     for key in data:

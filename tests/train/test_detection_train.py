@@ -149,3 +149,36 @@ def test_cli_trains_a_detector(tmp_path: Path) -> None:
     assert payload["task"] == "detect" and payload["detector"] == "ssdlite"
     assert set(payload["metrics"]) == {"val", "test"}
     assert (tmp_path / "runs" / "cli" / "model.json").is_file()
+
+
+def test_load_gives_a_detector_that_predicts_and_evaluates(trained: tuple[Path, Path]) -> None:
+    import visionflow
+
+    data, run = trained
+    model = visionflow.load(run, device="cpu")
+    assert isinstance(model, visionflow.DetectorModel) and model.task == "detect"
+    image = sorted((data / "images").rglob("*.png"))[0]
+    everything = model.predict(image, score_threshold=0.0)[0]
+    shown = model.predict(image)[0]
+    assert everything.width == 64 and everything.height == 64
+    assert len(shown) <= len(everything)
+    assert all(s >= model.score_threshold for s in shown.scores)
+    assert set(everything.labels) <= set(CLASSES)
+    metrics = model.evaluate(data)
+    assert 0.0 <= metrics["map_50"] <= 1.0 and set(metrics["per_class"]) == set(CLASSES)
+
+
+def test_auto_detector_fits_predicts_and_needs_fitting(tmp_path: Path) -> None:
+    import visionflow
+    from visionflow.prediction import Detections
+
+    det = visionflow.AutoDetector(budget=None, runs_dir=tmp_path, name="api", epochs=1, **{
+        k: v for k, v in TINY.items() if k != "budget"
+    })  # fmt: skip
+    with pytest.raises(ConfigError, match="not fitted yet"):
+        det.predict("x.png")
+    det.fit(make_dataset(tmp_path / "d", images=12))
+    assert det.classes_ == sorted(CLASSES)
+    found = det.predict(sorted((tmp_path / "d" / "yolo" / "images").rglob("*.png"))[:2])
+    assert len(found) == 2 and all(isinstance(f, Detections) for f in found)
+    assert (tmp_path / "api" / "report.html").is_file()

@@ -302,9 +302,7 @@ def rebuild_detector(info: Mapping[str, Any]) -> nn.Module:
     return model.eval()
 
 
-def _set_normalisation(
-    model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]
-) -> None:
+def _set_normalisation(model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
     """Point the model's internal transform at ``mean``/``std`` (as built from the weights)."""
     transform = getattr(model, "transform", None)
     if transform is not None:
