@@ -182,3 +182,28 @@ def test_auto_detector_fits_predicts_and_needs_fitting(tmp_path: Path) -> None:
     found = det.predict(sorted((tmp_path / "d" / "yolo" / "images").rglob("*.png"))[:2])
     assert len(found) == 2 and all(isinstance(f, Detections) for f in found)
     assert (tmp_path / "api" / "report.html").is_file()
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = make_dataset(tmp_path, images=12)
+    run = tmp_path / "run"
+    original = DetectionEngine._forward_loss
+
+    def interrupted(self: DetectionEngine, *args: object) -> object:
+        if len(self.history) == 1:  # the first epoch is done and checkpointed
+            raise KeyboardInterrupt
+        return original(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DetectionEngine, "_forward_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_detector(data, DetectConfig(detector="ssdlite", epochs=3, **TINY), run_dir=run)
+    assert not (run / "model.json").exists()
+    monkeypatch.setattr(DetectionEngine, "_forward_loss", original)
+    result = train_detector(tmp_path / "elsewhere", None, run_dir=run, resume=True)
+    history = json.loads((run / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [0, 1, 2]
+    assert result.detector == "ssdlite" and (run / "model.json").is_file()
+    with pytest.raises(CheckpointError, match="nothing to resume|no detection run"):
+        train_detector(data, None, run_dir=tmp_path / "empty", resume=True)
