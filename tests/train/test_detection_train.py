@@ -205,5 +205,5 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(
     history = json.loads((run / "history.json").read_text())
     assert [r["epoch"] for r in history] == [0, 1, 2]
     assert result.detector == "ssdlite" and (run / "model.json").is_file()
-    with pytest.raises(CheckpointError, match="nothing to resume|no detection run"):
+    with pytest.raises(CheckpointError, match="holds no detection run to resume"):
         train_detector(data, None, run_dir=tmp_path / "empty", resume=True)
