@@ -241,16 +241,19 @@ def _images_html(images: dict[str, Path]) -> str:
     return "\n".join(figures)
 
 
-_HISTORY_KEYS = (
-    "epoch",
-    "phase",
-    "lr",
-    "train_loss",
-    "train_accuracy",
-    "val_loss",
-    "val_accuracy",
-    "seconds",
-    "best",
+#: (history key, column header): the classification columns, then detection's.
+_HISTORY_COLUMNS = (
+    ("epoch", "epoch"),
+    ("phase", "phase"),
+    ("lr", "lr"),
+    ("train_loss", "train loss"),
+    ("train_accuracy", "train acc."),
+    ("val_loss", "val loss"),
+    ("val_accuracy", "val acc."),
+    ("val_map", "val mAP@[.5:.95]"),
+    ("val_map_50", "val mAP@.5"),
+    ("seconds", "seconds"),
+    ("best", "best"),
 )
 
 
@@ -258,21 +261,15 @@ def _history_html(history: list[dict[str, Any]]) -> str:
     records = [r for r in history if isinstance(r, dict)]
     if not records:
         return f"<p>{NA}</p>"
-    rows = [[r.get(k) for k in _HISTORY_KEYS] for r in records]
-    return html_table(
-        rows,
-        headers=[
-            "epoch",
-            "phase",
-            "lr",
-            "train loss",
-            "train acc.",
-            "val loss",
-            "val acc.",
-            "seconds",
-            "best",
-        ],
-    )
+    # a column is shown when some epoch has it (detection has no accuracy, classification
+    # no mAP); the first three and the last two always are
+    columns = [
+        (key, header)
+        for i, (key, header) in enumerate(_HISTORY_COLUMNS)
+        if i < 3 or i >= len(_HISTORY_COLUMNS) - 2 or any(r.get(key) is not None for r in records)
+    ]
+    rows = [[r.get(k) for k, _ in columns] for r in records]
+    return html_table(rows, headers=[header for _, header in columns])
 
 
 def _capped_list(title: str, entries: list[Any], render: Any) -> str:
