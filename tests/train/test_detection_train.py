@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -207,3 +208,32 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(
     assert result.detector == "ssdlite" and (run / "model.json").is_file()
     with pytest.raises(CheckpointError, match="holds no detection run to resume"):
         train_detector(data, None, run_dir=tmp_path / "empty", resume=True)
+
+
+def test_learning_rate_follows_the_budget_clock_and_never_rises() -> None:
+    class Clock:
+        seconds = 100.0
+        now = 0.0
+
+        def elapsed(self) -> float:
+            return self.now
+
+    model = build_detector("ssdlite", backbone="test_efficientnet", num_classes=2, img_size=64)
+    clock = Clock()
+    engine = DetectionEngine(
+        model,
+        DetectionTask(CLASSES),
+        FitConfig(epochs=300, lr=1e-3, warmup_epochs=1, min_lr_ratio=0.01, channels_last=False),
+        deadline=clock,
+    )
+    optimizer = torch.optim.AdamW(engine._param_groups(), lr=1e-3)
+    scheduler = engine._scheduler(optimizer, steps_per_epoch=10)
+    rates = []
+    for step in range(80):  # 106 s of clock for a 100 s budget
+        clock.now += 0.5 if step % 7 else 6.0  # an uneven machine
+        optimizer.step()
+        scheduler.step()
+        rates.append(optimizer.param_groups[-1]["lr"])
+    after_warmup = rates[10:]
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(after_warmup))
+    assert rates[-1] == pytest.approx(1e-5)  # the budget is spent: the floor

@@ -111,6 +111,35 @@ class DetectionEngine(Engine):
             )
         return groups
 
+    def _scheduler(
+        self, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+    ) -> torch.optim.lr_scheduler.LambdaLR:
+        """Warm-up, then cosine decay over whichever ends first: ``epochs`` or the training
+        budget measured in seconds. Under a budget the decay follows the clock, so a machine
+        that slows down mid-run shortens the schedule smoothly (both measures only grow, so
+        the learning rate never rises again after the warm-up), and the last epoch that fits
+        in the budget ends near the floor."""
+        cfg = self.config
+        warmup = max(0, round(cfg.warmup_epochs * steps_per_epoch))
+        floor = cfg.min_lr_ratio
+        deadline = self.deadline
+        warm_end: list[float] = []  # seconds on the deadline's clock when the warm-up ended
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            total = max(1, cfg.epochs * steps_per_epoch - warmup)
+            progress = (step - warmup) / total
+            if deadline.seconds is not None:
+                if not warm_end:
+                    warm_end.append(deadline.elapsed())
+                span = max(1e-6, deadline.seconds - warm_end[0])
+                progress = max(progress, (deadline.elapsed() - warm_end[0]) / span)
+            progress = min(1.0, progress)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
     def _set_backbone_frozen(self, frozen: bool) -> None:
         for name, param in self.model.named_parameters():
             if name.startswith(_BACKBONE_PREFIX):
@@ -311,14 +340,10 @@ def train_detector(
     train_deadline = Deadline(_train_seconds(deadline, evaluated, None), spent=deadline.elapsed())
 
     def replan(epoch_seconds: float) -> int:
-        # called after every epoch: what finishing costs is re-measured (validation speed),
-        # then epochs done + what the rest of the budget pays for
+        # called after every epoch: what finishing costs is re-measured (validation speed);
+        # the engine stops before an epoch that no longer fits, the schedule follows the clock
         train_deadline.seconds = _train_seconds(deadline, evaluated, engine.eval_seconds_per_image)
-        left = train_deadline.remaining()
-        if not math.isfinite(left):
-            return cfg.epochs
-        done = len(engine.history)
-        return int(min(cfg.epochs, done + max(0.0, left) // max(epoch_seconds, 1e-3)))
+        return cfg.epochs
 
     engine = DetectionEngine(
         model,
