@@ -6,7 +6,8 @@ untrained head (whose scores are all alike: every candidate survives to NMS, the
 The graph is exported (:func:`visionflow.export.detection.export_detector`), checked against
 PyTorch on the run's validation images (or on ``--images`` random noise images of varied sizes)
 and both engines are timed on one ``--width`` x ``--height`` image, batch 1, ``--threads``
-threads (ONNX Runtime and torch alike): a few warm-up calls, then ``--runs`` timed calls,
+threads (ONNX Runtime and torch alike; ``--int8`` adds the Conv-only INT8 graph calibrated on
+16 of the images): a few warm-up calls, then ``--runs`` timed calls,
 median and 90th percentile, with the machine's load average before and after. The timed call
 is the whole detection: resize, normalisation, network, box decoding and NMS.
 
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--int8", action="store_true", help="Also time the INT8 graph.")
     args = parser.parse_args()
 
     from visionflow.export.detect_runtime import run_detection_graph
@@ -69,6 +71,7 @@ def main() -> None:
         check_detection_parity,
         export_detector,
         load_detector_run,
+        quantize_detector_int8,
         shape_probes,
     )
     from visionflow.export.runtime import make_session
@@ -118,6 +121,12 @@ def main() -> None:
             lambda: run_detection_graph(session, image), args.warmup, args.runs
         )
         eager_p50, eager_p90 = _times(lambda: _torch_run(model, image), args.warmup, args.runs)
+        int8 = "-"
+        if args.int8:
+            quantize_detector_int8(path, Path(tmp) / "int8.onnx", images[:16])
+            q_session = make_session(Path(tmp) / "int8.onnx", threads=args.threads)
+            q50, q90 = _times(lambda: run_detection_graph(q_session, image), args.warmup, args.runs)
+            int8 = f"{q50:.1f} / {q90:.1f}"
     print(
         f"{info['name']} on {info['backbone']} ({source}), img_size {info['img_size']}, "
         f"timed on one {args.width}x{args.height} image, {args.threads} threads, {args.runs} runs "
@@ -126,14 +135,15 @@ def main() -> None:
     )
     print(
         "| export s | ONNX MB | parity images | detections >= thr matched | max box diff px | "
-        "max score diff | ORT median ms | ORT p90 ms | eager median ms | eager p90 ms |"
+        "max score diff | ORT median ms | ORT p90 ms | eager median ms | eager p90 ms | "
+        "ORT INT8 median / p90 ms |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {export_s:.1f} | {size_mb:.1f} | {parity.images} | {parity.matched}/"
         f"{parity.detections} (thr {threshold:g}) | {parity.max_box_diff:.2g} | "
         f"{parity.max_score_diff:.2g} | {ort_p50:.1f} | {ort_p90:.1f} | {eager_p50:.1f} | "
-        f"{eager_p90:.1f} |"
+        f"{eager_p90:.1f} | {int8} |"
     )
 
 

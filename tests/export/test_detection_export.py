@@ -144,6 +144,17 @@ def test_bundle_detects_like_the_run_it_came_from(ssd_bundle, ssd_run, tmp_path)
     assert model.version_info["detector"] == "ssdlite"
 
 
+def test_bundle_evaluates_on_a_labelled_dataset(ssd_bundle, ssd_run, tmp_path):
+    from visionflow.data.detection import write_detection
+
+    index = DetectionIndex.load(ssd_run / "index.json")
+    write_detection(index, tmp_path / "coco", format="coco", images="copy")
+    metrics = visionflow.load(ssd_bundle).evaluate(tmp_path / "coco")
+    assert metrics["images"] == len(SIZES) and metrics["gt_boxes"] == len(SIZES)
+    assert 0.0 <= metrics["map_50"] <= 1.0 and metrics["skipped"] == []
+    assert set(metrics["per_class"]) == set(CLASSES)
+
+
 def test_manifest_records_parity_and_the_detection_contract(ssd_bundle, tmp_path):
     meta = load_bundle(ssd_bundle, cache_dir=tmp_path).meta
     assert meta["task"] == "detect" and meta["classes"] == CLASSES
