@@ -368,6 +368,7 @@ def train_detector(
         replan=replan,
     )
     engine.replan_every_epoch = True
+    fit_started = deadline.elapsed()
     fit = engine.fit(train_loader, val_loader, resume=resume)
     if fit.best_epoch is None and not engine.history:
         raise DataError(
@@ -378,8 +379,11 @@ def train_detector(
         f"trained {len(engine.history)} epochs in {format_seconds(fit.seconds)} "
         f"(stopped: {fit.stopped}); evaluating"
     )
+    timing = {"before_training": round(fit_started, 1), "training": round(fit.seconds, 1)}
+    evaluation_started = deadline.elapsed()
     metrics, results, predictions = _evaluate(engine, index, split, cfg, classes)
-    threshold = _score_threshold(predictions.get("val"), classes, index, split)
+    threshold = _score_threshold(predictions.get("val"), classes)
+    timing["evaluation"] = round(deadline.elapsed() - evaluation_started, 1)
     info = detector_info(model)
     headline = {
         name: {k: m.get(k) for k in ("map", "map_50", "map_75")} for name, m in metrics.items()
@@ -390,6 +394,7 @@ def train_detector(
         run / "metrics.json",
         {**metrics, "fit": {"best_epoch": fit.best_epoch, "stopped": fit.stopped}},
     )
+    report_started = deadline.elapsed()
     from visionflow.evaluate.detection_report import write_detection_report
 
     report_path = write_detection_report(
@@ -408,6 +413,7 @@ def train_detector(
         device=str(device),
     )
     seconds = deadline.elapsed()
+    timing["report"] = round(seconds - report_started, 1)
     atomic_write_json(
         run / "model.json",
         {
@@ -420,10 +426,14 @@ def train_detector(
             "epochs": len(engine.history),
             "best_epoch": fit.best_epoch,
             "seconds": round(seconds, 1),
+            "timing": timing,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
     )
-    say(f"done in {format_seconds(seconds)}: {run}")
+    say(
+        f"done in {format_seconds(seconds)} (evaluation {timing['evaluation']:.0f} s, report "
+        f"{timing['report']:.0f} s): {run}"
+    )
     return DetectionRunResult(
         run_dir=run,
         metrics=metrics,
@@ -542,12 +552,7 @@ def _zero_based(item: dict[str, Any], extra: str) -> dict[str, Any]:
     return out
 
 
-def _score_threshold(
-    found: tuple[list[Any], list[Any]] | None,
-    classes: list[str],
-    index: DetectionIndex,
-    split: Split,
-) -> float:
+def _score_threshold(found: tuple[list[Any], list[Any]] | None, classes: list[str]) -> float:
     """The display threshold: the score with the best F1 at IoU .5 on validation (0.3 without
     a validation split)."""
     if found is None:
