@@ -569,9 +569,13 @@ def evaluate(
     """Evaluate a trained run or a bundle on another labelled dataset."""
     from visionflow import load
 
-    metrics = load(run, device=device).evaluate(data)
+    model = load(run, device=device)
+    metrics = model.evaluate(data)
     if json_out:
         out.print_json(json.dumps(metrics))
+        return
+    if getattr(model, "task", "classify") == "detect":
+        _print_detection_metrics(metrics, str(data))
         return
     table = Table(title=f"{data}")
     for col in ("class", "precision", "recall", "F1", "support"):
@@ -587,6 +591,26 @@ def evaluate(
     )
     for bad in metrics.get("skipped", []):
         err.print(f"[red]skipped[/] {bad['path']}: {bad['reason']}", highlight=False)
+
+
+def _print_detection_metrics(metrics: dict[str, Any], title: str) -> None:
+    """COCO metrics of a detector on a dataset: the per-class table, then the headline."""
+    table = Table(title=title)
+    for col in ("class", "AP@[.5:.95]", "AP@.5", "AP@.75", "boxes", "detections"):
+        table.add_column(col, justify="right" if col != "class" else "left")
+    for name, m in metrics["per_class"].items():
+        table.add_row(
+            name, _num(m.get("ap")), _num(m.get("ap_50")), _num(m.get("ap_75")),
+            str(m.get("gt", "")), str(m.get("predictions", "")),
+        )  # fmt: skip
+    out.print(table)
+    out.print(
+        f"mAP@[.5:.95] {_num(metrics.get('map'))}  mAP@.5 {_num(metrics.get('map_50'))}  "
+        f"mAP@.75 {_num(metrics.get('map_75'))}  AR@100 {_num(metrics.get('mar_100'))}  "
+        f"(images {metrics.get('images')}, boxes {metrics.get('gt_boxes')})"
+    )
+    for bad in metrics.get("skipped", []):
+        err.print(f"[red]skipped[/] {bad.get('source')}: {bad.get('message')}", highlight=False)
 
 
 @app.command()

@@ -237,3 +237,14 @@ def test_learning_rate_follows_the_budget_clock_and_never_rises() -> None:
     after_warmup = rates[10:]
     assert all(b <= a + 1e-12 for a, b in itertools.pairwise(after_warmup))
     assert rates[-1] == pytest.approx(1e-5)  # the budget is spent: the floor
+
+
+def test_cli_evaluates_a_detection_run(trained: tuple[Path, Path]) -> None:
+    data, run = trained
+    result = CliRunner().invoke(app, ["evaluate", str(run), str(data), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "mAP@.5" in result.output and "AP@[.5:.95]" in result.output
+    assert all(name in result.output for name in CLASSES)
+    result = CliRunner().invoke(app, ["evaluate", str(run), str(data), "--json"])
+    assert result.exit_code == 0, result.output
+    assert 0.0 <= json.loads(result.stdout)["map_50"] <= 1.0
