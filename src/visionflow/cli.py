@@ -120,7 +120,8 @@ def train(
         bool | None,
         typer.Option(
             "--search/--no-search",
-            help="Search hyper-parameters and refit the best (default), or one recipe run.",
+            help="Search hyper-parameters and refit the best (default for classification; "
+            "detection searches only with --search), or one recipe run.",
         ),
     ] = None,
     workers: Annotated[
@@ -177,22 +178,44 @@ def train(
     if task == "detect" or (resume is not None and _run_task(resume) == "detect"):
         classify_only = {
             "--strategy": strategy, "--mixup": mixup, "--cutmix": cutmix, "--balance": balance,
-            "--split": split, "--labels": labels, "--search/--no-search": search,
-            "--workers": workers, "--storage": storage, "--trials": trials, "--pruner": pruner,
-            "--space": space, "--param": param,
+            "--split": split, "--labels": labels,
         }  # fmt: skip
         given = [flag for flag, value in classify_only.items() if value]
         if given:
             raise typer.BadParameter(f"{', '.join(given)} only apply to --task classify")
+        search_options = {
+            "--workers": workers, "--storage": storage, "--trials": trials, "--pruner": pruner,
+            "--space": space, "--param": param,
+        }  # fmt: skip
+        given = [flag for flag, value in search_options.items() if value]
+        if given and not search:
+            raise typer.BadParameter(
+                f"{', '.join(given)} configure a search: add --search (detection trains the "
+                "one default recipe unless asked to search)"
+            )
+        det_overrides: dict[str, Any] = {
+            "budget": budget, "detector": detector, "backbone": backbone, "weights": weights,
+            "img_size": img_size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+            "augment": augment, "hflip": hflip, "val_fraction": val_fraction,
+            "test_fraction": test_fraction, "seed": seed, "device": device,
+        }  # fmt: skip
+        scfg = None
+        if search:
+            scfg = load_search_config(
+                file=config,
+                overrides={
+                    "enabled": True, "workers": workers, "storage": storage, "trials": trials,
+                    "pruner": pruner,
+                },
+            )  # fmt: skip
+            space_overrides = dict(scfg.space)
+            if space is not None:
+                space_overrides.update(_read_space_file(space))
+            space_overrides.update(_parse_params(param or []))
+            scfg.space = space_overrides
         _train_detector(
-            data, resume, out_dir, name, preset, config, json_out, console,
-            {
-                "budget": budget, "detector": detector, "backbone": backbone, "weights": weights,
-                "img_size": img_size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                "augment": augment, "hflip": hflip, "val_fraction": val_fraction,
-                "test_fraction": test_fraction, "seed": seed, "device": device,
-            },
-        )  # fmt: skip
+            data, resume, out_dir, name, preset, config, json_out, console, det_overrides, scfg
+        )
         return
     if detector is not None:
         raise typer.BadParameter("--detector only applies to --task detect")
@@ -287,6 +310,7 @@ def _train_detector(
     json_out: bool,
     console: Console | None,
     overrides: dict[str, Any],
+    search: Any = None,
 ) -> None:
     from visionflow.api import default_run_name
     from visionflow.config import load_detect_config
@@ -301,12 +325,27 @@ def _train_detector(
         run_dir = out_dir / (name or default_run_name(data))
     else:
         run_dir = resume
+    searched = None
     try:
-        result = train_detector(
-            data or run_dir, cfg, run_dir=run_dir, resume=resume is not None, console=console
-        )
+        if search is not None and cfg is not None and data is not None:
+            from visionflow.search.detection import search_detector
+
+            explicit = {k for k, v in overrides.items() if v is not None} | _file_keys(config)
+            searched = search_detector(
+                data, cfg, search, run_dir=run_dir, explicit=explicit, console=console
+            )
+            result = searched.refit
+        else:
+            result = train_detector(
+                data or run_dir, cfg, run_dir=run_dir, resume=resume is not None, console=console
+            )
     except KeyboardInterrupt:
-        err.print(f"[yellow]interrupted[/]; continue with: visionflow train --resume {run_dir}")
+        hint = (
+            "run the same command again (same --name) to continue the search"
+            if search is not None
+            else f"continue with: visionflow train --resume {run_dir}"
+        )
+        err.print(f"[yellow]interrupted[/]; {hint}")
         raise typer.Exit(130) from None
     headline = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
     payload = {
@@ -318,6 +357,8 @@ def _train_detector(
         "report": str(result.report_path) if result.report_path else None,
         "metrics": {k: {m: v.get(m) for m in headline} for k, v in result.metrics.items()},
     }
+    if searched is not None:
+        payload["search"] = {"best": searched.best, "counts": searched.counts}
     if json_out:
         out.print_json(json.dumps(payload))
         return

@@ -128,8 +128,11 @@ def test_detect_config_rejects_unknown_keys_and_classification_flags(tmp_path: P
         app, ["train", str(tmp_path), "--task", "detect", "--mixup", "0.2", "--no-search"]
     )
     assert result.exit_code != 0
-    text = "".join(c for c in result.output if c.isalnum() or c in "-/ ")
-    assert "--mixup" in text and "only apply to --task classify" in " ".join(text.split())
+    text = " ".join("".join(c for c in result.output if c.isalnum() or c in "-/ ").split())
+    assert "--mixup only apply to --task classify" in text
+    result = CliRunner().invoke(app, ["train", str(tmp_path), "--task", "detect", "--trials", "3"])
+    text = " ".join("".join(c for c in result.output if c.isalnum() or c in "-/ ").split())
+    assert result.exit_code != 0 and "--trials configure a search add --search" in text
     result = CliRunner().invoke(app, ["train", str(tmp_path), "--detector", "fcos"])
     assert result.exit_code != 0 and "only applies to --task detect" in result.output
 
@@ -248,3 +251,72 @@ def test_cli_evaluates_a_detection_run(trained: tuple[Path, Path]) -> None:
     result = CliRunner().invoke(app, ["evaluate", str(run), str(data), "--json"])
     assert result.exit_code == 0, result.output
     assert 0.0 <= json.loads(result.stdout)["map_50"] <= 1.0
+
+
+def test_nms_threshold_is_chosen_on_validation_and_travels_with_the_model(
+    trained: tuple[Path, Path],
+) -> None:
+    _, run = trained
+    chosen = json.loads((run / "metrics.json").read_text())["nms_selection"]
+    assert chosen["chosen"] in (0.4, 0.5, 0.6, 0.7)
+    assert set(chosen["val_map"]) == {"0.4", "0.5", "0.6", "0.7"}
+    best = max(chosen["val_map"].values())
+    assert chosen["val_map"][str(chosen["chosen"])] == best
+    info = json.loads((run / "model.json").read_text())["detector"]
+    assert info["nms_thresh"] == chosen["chosen"]
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn_fpn", "fcos"])
+def test_set_nms_threshold(name: str) -> None:
+    from visionflow.models.detection import detector_info, set_nms_threshold
+
+    model = build_detector(name, backbone="test_efficientnet", num_classes=2, img_size=64)
+    set_nms_threshold(model, 0.65)
+    assert detector_info(model)["nms_thresh"] == 0.65
+    assert detector_info(rebuild_detector(detector_info(model)))["nms_thresh"] == 0.65
+    with pytest.raises(ConfigError, match="nms_thresh must be in"):
+        set_nms_threshold(model, 0.0)
+
+
+def test_search_tries_configurations_then_trains_the_best(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path, images=16)
+    result = CliRunner().invoke(
+        app,
+        [
+            "train", str(data), "--task", "detect", "--search", "--trials", "2",
+            "--param", "detector=[fcos,ssdlite]", "--param", "img_size=64",
+            "--param", "augment=light", "--epochs", "1",
+            "--backbone", "test_efficientnet", "--weights", "none", "--budget", "none",
+            "--batch-size", "4", "--out", str(tmp_path / "runs"), "--name", "s", "--json",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    run = tmp_path / "runs" / "s"
+    assert payload["search"]["counts"]["complete"] + payload["search"]["counts"]["pruned"] == 2
+    first = payload["search"]["best"]
+    assert first is not None and first["params"]["detector"] in ("fcos", "ssdlite")
+    assert payload["detector"] == first["params"]["detector"]
+    summary = json.loads((run / "search.json").read_text())
+    assert summary["refit"]["img_size"] == 64 and summary["refit"]["augment"] == "light"
+    assert (run / "leaderboard.csv").read_text().count("\n") == 3  # header + 2 trials
+    assert (run / "model.json").is_file() and not (run / "trials").exists()
+    info = json.loads((run / "model.json").read_text())["detector"]
+    assert info["name"] == first["params"]["detector"] and info["img_size"] == 64
+    assert json.loads((run / "config.json").read_text())["detector"] == info["name"]
+
+
+def test_search_space_pins_and_refusals(tmp_path: Path) -> None:
+    from visionflow.config import SearchConfig
+    from visionflow.search.detection import _space, detection_space, search_detector
+
+    cfg = DetectConfig(detector="retinanet", img_size=320, lr=2e-3)
+    space = _space(cfg, SearchConfig(space={"augment": ["light"]}), {"detector", "lr"}, None)
+    assert space.fixed() == {"detector": "retinanet", "lr": 2e-3}
+    assert space["img_size"] == detection_space()["img_size"]  # not given: still searched
+    with pytest.raises(ConfigError, match="unknown search parameter 'detectr'"):
+        _space(cfg, SearchConfig(space={"detectr": "fcos"}), set(), None)
+    with pytest.raises(ConfigError, match="--workers applies to classification only"):
+        search_detector(tmp_path, cfg, SearchConfig(workers=2), run_dir=tmp_path / "r")
+    with pytest.raises(ConfigError, match="needs --trials"):
+        search_detector(tmp_path, DetectConfig(budget=None), SearchConfig(), run_dir=tmp_path / "r")

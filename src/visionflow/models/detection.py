@@ -54,6 +54,7 @@ __all__ = [
     "list_detectors",
     "rebuild_detector",
     "register_detector",
+    "set_nms_threshold",
 ]
 
 _NBT = "num_batches_tracked"
@@ -616,6 +617,19 @@ def _validate(opts: _Options) -> None:
         raise ConfigError(f"trainable_layers must be >= 0, got {opts.trainable_layers}")
     if opts.fpn_channels < 8:
         raise ConfigError(f"fpn_channels must be >= 8, got {opts.fpn_channels}")
+
+
+def set_nms_threshold(model: nn.Module, value: float) -> None:
+    """Change the per-class NMS IoU threshold of a built detector (it takes effect at once;
+    :func:`detector_info` reports it, so exports and bundles carry it).
+
+    Raises:
+        ConfigError: ``value`` is outside ``(0, 1]``.
+    """
+    if not 0.0 < float(value) <= 1.0:
+        raise ConfigError(f"nms_thresh must be in (0, 1], got {value}")
+    holder = getattr(model, "roi_heads", None) or model  # Faster R-CNN keeps it in roi_heads
+    holder.nms_thresh = float(value)
 
 
 def _live_thresholds(model: nn.Module) -> dict[str, Any]:

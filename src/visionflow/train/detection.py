@@ -45,16 +45,16 @@ from visionflow.data.detection.transforms import (
 )
 from visionflow.data.index import Split
 from visionflow.errors import CheckpointError, ConfigError, DataError
-from visionflow.models.detection import build_detector, detector_info
+from visionflow.models.detection import build_detector, detector_info, set_nms_threshold
 from visionflow.models.tasks.detection import DetectionTask
 from visionflow.models.weights import resolve_weights
 from visionflow.train.budget import Deadline, format_seconds
-from visionflow.train.callbacks import Callback, RichProgress
+from visionflow.train.callbacks import Callback, RichProgress, StopTraining
 from visionflow.train.checkpoint import save_weights
 from visionflow.train.device import configure_threads, select_device
 from visionflow.train.engine import Engine, FitConfig
 
-__all__ = ["AUTO_DETECTOR", "DetectionEngine", "DetectionRunResult", "train_detector"]
+__all__ = ["AUTO_DETECTOR", "DetectionEngine", "DetectionRunResult", "Trial", "train_detector"]
 
 #: What ``detector="auto"`` trains (see BENCHMARKS.md "Object detection").
 AUTO_DETECTOR = "fcos"
@@ -254,6 +254,7 @@ def train_detector(
     run_dir: str | Path,
     resume: bool = False,
     console: Console | None = None,
+    trial: Trial | None = None,
 ) -> DetectionRunResult:
     """Read, check and split a detection dataset, train a detector within the budget, evaluate
     it (COCO mAP on val and test) and write the run directory (see the module docstring).
@@ -265,6 +266,10 @@ def train_detector(
             ``resume`` (which then continues from the last epoch's checkpoint).
         resume: Continue a killed run from its checkpoint, with its own config and budget.
         console: Where progress is printed (``None``: silent).
+        trial: Run as a search trial (:mod:`visionflow.search.detection`): on the trial's
+            already checked data and split, reporting the validation mAP after every epoch
+            (the trial may stop it), then scored on validation only: no NMS choice, no test
+            evaluation, no report, no saved model.
 
     Raises:
         DataError: The dataset is unreadable or holds no boxes to learn from.
@@ -292,7 +297,10 @@ def train_detector(
     device = select_device(cfg.device)
     say = (lambda line: console.print(line)) if console is not None else (lambda line: None)
 
-    index, split = _prepare_data(Path(data), cfg, run, say)
+    if trial is not None:
+        index, split = trial.data
+    else:
+        index, split = _prepare_data(Path(data), cfg, run, say)
     classes = list(index.classes)
     detector = AUTO_DETECTOR if cfg.detector == "auto" else cfg.detector
     train_samples = [index.samples[i] for i in split.train]
@@ -336,7 +344,8 @@ def train_detector(
         else None
     )
     task = DetectionTask(classes)
-    evaluated = len(split.val) + len(split.test)
+    # images evaluated after training: the NMS choice's validation passes, then val and test
+    evaluated = len(split.val) * (1 + len(NMS_CANDIDATES)) + len(split.test)
     train_deadline = Deadline(_train_seconds(deadline, evaluated, None), spent=deadline.elapsed())
 
     def replan(epoch_seconds: float) -> int:
@@ -362,7 +371,11 @@ def train_detector(
         ),
         device=device,
         deadline=train_deadline,
-        callbacks=[RichProgress(console), _EpochLog(console, deadline, run)],
+        callbacks=[
+            RichProgress(console),
+            _EpochLog(console, deadline, run),
+            *([trial] if trial is not None else []),
+        ],
         checkpoint_dir=run / "checkpoint",
         phase="detect",
         replan=replan,
@@ -379,8 +392,13 @@ def train_detector(
         f"trained {len(engine.history)} epochs in {format_seconds(fit.seconds)} "
         f"(stopped: {fit.stopped}); evaluating"
     )
+    if trial is not None:
+        return _trial_result(run, engine, val_loader, fit, detector, deadline)
     timing = {"before_training": round(fit_started, 1), "training": round(fit.seconds, 1)}
     evaluation_started = deadline.elapsed()
+    nms = _choose_nms(engine, val_loader, cfg, deadline, len(split.val) + len(split.test))
+    if nms is not None:
+        say(f"NMS IoU threshold {nms['chosen']} (val mAP by threshold: {nms['val_map']})")
     metrics, results, predictions = _evaluate(engine, index, split, cfg, classes)
     threshold = _score_threshold(predictions.get("val"), classes)
     timing["evaluation"] = round(deadline.elapsed() - evaluation_started, 1)
@@ -392,7 +410,11 @@ def train_detector(
     atomic_write_json(run / "history.json", engine.history)
     atomic_write_json(
         run / "metrics.json",
-        {**metrics, "fit": {"best_epoch": fit.best_epoch, "stopped": fit.stopped}},
+        {
+            **metrics,
+            "fit": {"best_epoch": fit.best_epoch, "stopped": fit.stopped},
+            "nms_selection": nms,
+        },
     )
     report_started = deadline.elapsed()
     from visionflow.evaluate.detection_report import write_detection_report
@@ -444,6 +466,86 @@ def train_detector(
     )
 
 
+#: NMS IoU thresholds tried on validation after training (the configured one is added).
+NMS_CANDIDATES = (0.4, 0.5, 0.6, 0.7)
+
+
+class Trial(Callback):
+    """What a search trial gives :func:`train_detector`: the checked data and split it shares
+    with the other trials, and ``on_epoch(epoch, val_map) -> stop?`` called after every epoch
+    (the pruner's report); a stop ends the fit and :attr:`stopped` says so."""
+
+    def __init__(
+        self,
+        data: tuple[DetectionIndex, Split],
+        on_epoch: Callable[[int, float], bool],
+    ) -> None:
+        self.data = data
+        self.on_epoch = on_epoch
+        self.stopped = False
+
+    def on_epoch_end(self, engine: Engine, record: dict[str, Any]) -> None:
+        value = record.get(f"val_{DetectionTask.monitor}")
+        if value is not None and self.on_epoch(int(record["epoch"]), float(value)):
+            self.stopped = True
+            raise StopTraining("pruned")
+
+
+def _trial_result(
+    run: Path,
+    engine: DetectionEngine,
+    val_loader: DataLoader[Any] | None,
+    fit: Any,
+    detector: str,
+    deadline: Deadline,
+) -> DetectionRunResult:
+    """A trial's outcome: the best epoch's validation metrics (what the search compares)."""
+    best = next((r for r in engine.history if r.get("epoch") == fit.best_epoch), None)
+    val = {k[4:]: v for k, v in (best or {}).items() if k.startswith("val_")}
+    atomic_write_json(run / "history.json", engine.history)
+    return DetectionRunResult(
+        run_dir=run,
+        metrics={"val": val} if val_loader is not None else {},
+        detector=detector,
+        seconds=deadline.elapsed(),
+        report_path=None,
+        score_threshold=0.0,
+    )
+
+
+def _choose_nms(
+    engine: DetectionEngine,
+    val_loader: DataLoader[Any] | None,
+    cfg: DetectConfig,
+    deadline: Deadline,
+    evaluated: int,
+) -> dict[str, Any] | None:
+    """Pick the NMS IoU threshold with the best validation mAP@[.5:.95] among
+    :data:`NMS_CANDIDATES` and the configured one, and set it on the model.
+
+    How much overlapping objects overlap is a property of the data (crowded shelves need a
+    high threshold, isolated objects a low one), and trying a threshold costs one validation
+    pass, no training. Skipped without a validation split, when ``nms_thresh`` was given
+    explicitly (it is not the default), or when the passes would not fit in the budget next to
+    the final evaluation. Ties keep the configured threshold.
+    """
+    if val_loader is None or cfg.nms_thresh != DetectConfig.model_fields["nms_thresh"].default:
+        return None
+    per_image = engine.eval_seconds_per_image or 0.3
+    candidates = sorted({cfg.nms_thresh, *NMS_CANDIDATES})
+    n_val = len(val_loader.dataset)  # type: ignore[arg-type]
+    needed = per_image * (n_val * (len(candidates) - 1) + evaluated) * 1.5 + 15.0
+    if not deadline.allows(needed):
+        return None
+    scores: dict[float, float] = {}
+    for value in candidates:
+        set_nms_threshold(engine.model, value)
+        scores[value] = float(engine.validate(val_loader).get("map") or 0.0)
+    best = max(candidates, key=lambda v: (scores[v], v == cfg.nms_thresh))
+    set_nms_threshold(engine.model, best)
+    return {"chosen": best, "val_map": {str(v): round(m, 4) for v, m in scores.items()}}
+
+
 def _train_seconds(deadline: Deadline, evaluated: int, per_image: float | None) -> float | None:
     """The part of the budget training may use: the rest pays for evaluating ``evaluated``
     val and test images after training (at the measured seconds per image, 0.3 s until
@@ -459,8 +561,10 @@ def _prepare_data(
 ) -> tuple[DetectionIndex, Split]:
     """Read, check, clean and split the dataset; write index/split/config/data report."""
     if (run / "index.json").is_file() and (run / "split.json").is_file():
-        # a resumed run trains on exactly the data and split it started with
+        # a resumed run (or a search's refit) trains on exactly the data and split it started
+        # with; config.json records what this training uses
         index = DetectionIndex.load(run / "index.json")
+        atomic_write_json(run / "config.json", cfg.model_dump(mode="json"))
         return index, Split.from_json(read_json(run / "split.json"))
     raw = read_detection(data, format=cfg.format)
     report, index = check_detection(raw, max_pixels=cfg.max_pixels)
