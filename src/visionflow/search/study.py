@@ -299,6 +299,8 @@ class Study:
             raise ConfigError(f"unknown pruner {pruner!r}; choose from {sorted(_PRUNERS)}")
         if direction not in ("maximize", "minimize"):
             raise ConfigError(f"direction must be 'maximize' or 'minimize', got {direction!r}")
+        # our own progress lines and leaderboard say what Optuna's INFO log would repeat
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         backend = open_storage(
             storage,
             run_dir=run_dir,
