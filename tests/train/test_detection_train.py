@@ -311,11 +311,11 @@ def test_search_space_pins_and_refusals(tmp_path: Path) -> None:
     from visionflow.search.detection import _space, detection_space, search_detector
 
     cfg = DetectConfig(detector="retinanet", img_size=320, lr=2e-3)
-    space = _space(cfg, SearchConfig(space={"augment": ["light"]}), {"detector", "lr"}, None)
+    space = _space(cfg, SearchConfig(space={"augment": ["light"]}), {"detector", "lr"})
     assert space.fixed() == {"detector": "retinanet", "lr": 2e-3}
     assert space["img_size"] == detection_space()["img_size"]  # not given: still searched
     with pytest.raises(ConfigError, match="unknown search parameter 'detectr'"):
-        _space(cfg, SearchConfig(space={"detectr": "fcos"}), set(), None)
+        _space(cfg, SearchConfig(space={"detectr": "fcos"}), set())
     with pytest.raises(ConfigError, match="--workers applies to classification only"):
         search_detector(tmp_path, cfg, SearchConfig(workers=2), run_dir=tmp_path / "r")
     with pytest.raises(ConfigError, match="needs --trials"):

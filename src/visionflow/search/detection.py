@@ -123,7 +123,7 @@ def search_detector(
     deadline = Deadline(budget)
     say = (lambda line: console.print(line)) if console is not None else (lambda line: None)
     prepared = _prepare_data(Path(data), config, run, say)
-    space = _space(config, search, explicit or set(), prepared)
+    space = _space(config, search, explicit or set())
     study = Study.open(
         f"detect-{run.name}",
         storage=search.storage,
@@ -199,12 +199,7 @@ def search_detector(
     return DetectionSearchResult(refit=refit, best=best, counts=study.counts(), study=study.name)
 
 
-def _space(
-    config: DetectConfig,
-    search: SearchConfig,
-    explicit: set[str],
-    prepared: Any,
-) -> SearchSpace:
+def _space(config: DetectConfig, search: SearchConfig, explicit: set[str]) -> SearchSpace:
     """The default space, with the user's explicit settings pinned, then their overrides."""
     space = detection_space()
     pins: dict[str, Any] = {}
