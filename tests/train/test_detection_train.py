@@ -320,3 +320,29 @@ def test_search_space_pins_and_refusals(tmp_path: Path) -> None:
         search_detector(tmp_path, cfg, SearchConfig(workers=2), run_dir=tmp_path / "r")
     with pytest.raises(ConfigError, match="needs --trials"):
         search_detector(tmp_path, DetectConfig(budget=None), SearchConfig(), run_dir=tmp_path / "r")
+
+
+def test_search_stops_after_failed_trials_and_still_refits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import visionflow.search.detection as search_module
+    from visionflow.config import SearchConfig
+
+    real = search_module.train_detector
+
+    def failing_trials(*args: object, **kwargs: object) -> object:
+        if kwargs.get("trial") is not None:
+            raise DataError("too slow for its share")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(search_module, "train_detector", failing_trials)
+    data = make_dataset(tmp_path, images=12)
+    result = search_module.search_detector(
+        data,
+        DetectConfig(detector="ssdlite", epochs=1, **TINY),
+        SearchConfig(trials=20),
+        run_dir=tmp_path / "run",
+    )
+    assert result.counts["failed"] == 3 and result.best is None
+    assert result.refit.detector == "ssdlite"  # no trial completed: the default recipe
+    assert (tmp_path / "run" / "model.json").is_file()

@@ -37,7 +37,7 @@ from typing import Any
 
 from rich.console import Console
 
-from visionflow._io import atomic_write_json
+from visionflow._io import atomic_write_json, read_json
 from visionflow.config import DetectConfig, SearchConfig
 from visionflow.errors import ConfigError, VisionflowError
 from visionflow.search.space import Categorical, FloatRange, SearchSpace
@@ -56,8 +56,12 @@ __all__ = ["DetectionSearchResult", "detection_space", "search_detector"]
 
 #: Sampled parameters and the :class:`~visionflow.config.DetectConfig` fields they set.
 _FIELDS = ("detector", "img_size", "lr", "augment")
-#: A trial is not started with less than this left of the search phase (seconds).
+#: A trial is not started with less than this left of the search phase (seconds), nor with
+#: less than :data:`_MIN_EPOCHS` of the slowest epoch measured so far.
 _MIN_TRIAL_SECONDS = 60.0
+_MIN_EPOCHS = 3
+#: The search ends after this many failed trials in a row.
+_MAX_FAILURES = 3
 
 
 def detection_space() -> SearchSpace:
@@ -135,6 +139,7 @@ def search_detector(
     if sum(study.counts().values()) == 0:
         study.enqueue(_default_params(config, prepared, space))
     search_seconds = None if budget is None else budget * (1 - search.refit_fraction)
+    min_trial = [_MIN_TRIAL_SECONDS]  # raised once trials have measured epoch times
     trial_cap = None if search_seconds is None else search.trial_fraction * search_seconds
 
     def objective(handle: TrialHandle) -> float:
@@ -157,6 +162,10 @@ def search_detector(
         result = train_detector(
             data, settings, run_dir=run / "trials" / f"{handle.number:03d}", trial=trial
         )
+        # a trial is worth starting only with time for a few epochs of the slowest seen
+        epochs = [float(r["seconds"]) for r in _history(result.run_dir)]
+        if epochs:
+            min_trial[0] = max(min_trial[0], _MIN_EPOCHS * max(epochs))
         value = result.metrics.get("val", {}).get("map")
         handle.set_info("val_map_50", result.metrics.get("val", {}).get("map_50"))
         if trial.stopped:
@@ -165,11 +174,19 @@ def search_detector(
             raise ConfigError("the trial has no validation score (no validation split)")
         return float(value)
 
-    while search_seconds is None or search_seconds - deadline.elapsed() >= _MIN_TRIAL_SECONDS:
+    failures = 0
+    while search_seconds is None or search_seconds - deadline.elapsed() >= min_trial[0]:
+        before = study.counts()["failed"]
         ran = study.optimize(
             objective, n_trials=1, catch=(VisionflowError,), max_trials=search.trials
         )
         if ran == 0:
+            break
+        # a configuration that cannot train (too slow for its share, out of memory...) fails;
+        # a run of them means the rest of the space cannot either: the refit gets the time
+        failures = failures + 1 if study.counts()["failed"] > before else 0
+        if failures >= _MAX_FAILURES:
+            say(f"{failures} trials in a row failed; ending the search")
             break
     study.write_leaderboard_csv(run / "leaderboard.csv")
     best = study.best()
@@ -197,6 +214,14 @@ def search_detector(
     atomic_write_json(run / "search.json", summary)
     shutil.rmtree(run / "trials", ignore_errors=True)
     return DetectionSearchResult(refit=refit, best=best, counts=study.counts(), study=study.name)
+
+
+def _history(run: Path) -> list[dict[str, Any]]:
+    path = run / "history.json"
+    if not path.is_file():
+        return []
+    found = read_json(path)
+    return [r for r in found if isinstance(r, dict) and "seconds" in r]
 
 
 def _space(config: DetectConfig, search: SearchConfig, explicit: set[str]) -> SearchSpace:

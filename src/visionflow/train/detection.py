@@ -345,7 +345,10 @@ def train_detector(
     )
     task = DetectionTask(classes)
     # images evaluated after training: the NMS choice's validation passes, then val and test
-    evaluated = len(split.val) * (1 + len(NMS_CANDIDATES)) + len(split.test)
+    # (a search trial evaluates nothing after training: its score is the best epoch's)
+    evaluated = (
+        0 if trial is not None else len(split.val) * (1 + len(NMS_CANDIDATES)) + len(split.test)
+    )
     train_deadline = Deadline(_train_seconds(deadline, evaluated, None), spent=deadline.elapsed())
 
     def replan(epoch_seconds: float) -> int:
@@ -549,9 +552,12 @@ def _choose_nms(
 def _train_seconds(deadline: Deadline, evaluated: int, per_image: float | None) -> float | None:
     """The part of the budget training may use: the rest pays for evaluating ``evaluated``
     val and test images after training (at the measured seconds per image, 0.3 s until
-    measured, with a 50 % margin for a busy machine) and for the report (15 s)."""
+    measured, with a 50 % margin for a busy machine) and for the report (15 s; nothing when
+    nothing is evaluated: a search trial)."""
     if deadline.seconds is None:
         return None
+    if evaluated == 0:
+        return deadline.seconds
     finish = 15.0 + 1.5 * (0.3 if per_image is None else per_image) * evaluated
     return max(0.0, deadline.seconds - finish)
 
