@@ -22,9 +22,9 @@ Timeline of a run with budget ``B`` (``SearchConfig.refit_fraction`` = ``r``)::
 * **Storage and resume**: the Optuna study is a journal file in the run folder (or
   ``--storage``); running the same command with the same ``--name`` continues it.
 
-On 2 CPU cores the search pays only with budgets of about an hour and more: at 15 minutes the
-single recipe trains for ~28 epochs and a refit after a search for ~15 (BENCHMARKS.md, "Object
-detection"); so it is off unless asked for (``--search``).
+On 2 CPU cores at 15 minutes the search ran 3 trials and its refit matched the single recipe
+(test mAP@.5 0.708 vs 0.713, BENCHMARKS.md "Object detection"): trials that short cannot show
+what the slower detectors are worth, so it is off unless asked for (``--search``).
 """
 
 from __future__ import annotations
