@@ -49,9 +49,12 @@ def test_train_predict_evaluate(image_folder, tmp_path):
 
 
 def test_errors_have_exit_codes_and_no_traceback(tmp_path):
-    result = runner.invoke(app, ["train", str(tmp_path / "missing"), *TINY])
+    result = runner.invoke(
+        app, ["train", str(tmp_path / "missing"), *TINY, "--out", str(tmp_path / "runs")]
+    )
     assert result.exit_code == 3
     assert "does not exist" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()  # nothing written for a dataset that is not there
     result = runner.invoke(app, ["train", str(tmp_path), "--budget", "soon"])
     assert result.exit_code == 2 and "not a duration" in result.output
     result = runner.invoke(app, ["predict", str(tmp_path / "norun"), "x.png"])

@@ -173,6 +173,11 @@ def train(
     from visionflow.train.recipe import train_classifier
 
     console = None if json_out else err
+    if data is not None and not data.exists():
+        from visionflow.errors import DataError
+
+        # before anything is written: a typo must not leave an empty run directory behind
+        raise DataError(f"dataset {data} does not exist")
     if task not in ("classify", "detect"):
         raise typer.BadParameter(f"--task is classify or detect, not {task!r}")
     if task == "detect" or (resume is not None and _run_task(resume) == "detect"):
