@@ -1,19 +1,22 @@
 """Training an object detector within a wall-clock budget: ``visionflow train --task detect``.
 
 The same :class:`~visionflow.train.engine.Engine` as classification runs the epochs (AdamW,
-warm-up then cosine decay stretched to what the budget pays for, gradient clipping, the best
-epoch by validation mAP kept, an atomic checkpoint per epoch to resume from, the deadline);
-:class:`DetectionEngine` only changes what a batch is (lists of images of different sizes and
-their box targets), which parameters form the backbone, and how validation is scored.
+gradient clipping, the best epoch by validation mAP kept, an atomic checkpoint per epoch to
+resume from, the deadline); :class:`DetectionEngine` changes what a batch is (lists of images
+of different sizes and their box targets), which parameters form the backbone, how validation
+is scored, and the schedule (warm-up, then cosine decay over the budget's training seconds).
+After training, the NMS IoU threshold is chosen on validation and the display threshold is the
+score with the best F1 there.
 
 A finished run directory holds (the contract with export, prediction and the report):
 
 * ``model.json``: ``{"task": "detect", "classes", "detector": detector_info(model),
-  "score_threshold", "metrics", ...}`` and ``model.safetensors`` (the detector's state dict);
+  "score_threshold", "metrics", "timing", ...}`` and ``model.safetensors`` (the detector's
+  state dict);
 * ``index.json`` (the cleaned :class:`~visionflow.data.detection.DetectionIndex`), ``split.json``
   (positions into it), ``config.json``, ``data_report.json``;
-* ``metrics.json`` (COCO metrics of the val and test splits, per class, with the PR curves),
-  ``history.json`` and ``report.html``.
+* ``metrics.json`` (COCO metrics of the val and test splits, per class, with the PR curves;
+  ``nms_selection``), ``history.json``, ``report.html`` and ``gallery/``.
 """
 
 from __future__ import annotations
