@@ -16,10 +16,11 @@ from PIL import Image
 from visionflow.data.detection import DetectionIndex
 from visionflow.data.images import load_image
 from visionflow.data.index import Split
+from visionflow.evaluate.overfit import Finding
 from visionflow.evaluate.report import ReportContext, write_report
 from visionflow.train.budget import format_seconds
 
-__all__ = ["gallery_order", "write_detection_report"]
+__all__ = ["detection_findings", "gallery_order", "write_detection_report"]
 
 #: Images shown in the gallery: the worst half and the best half by errors at the threshold.
 GALLERY_IMAGES = 8
@@ -104,6 +105,65 @@ def _gallery(
     return images
 
 
+def detection_findings(
+    history: list[dict[str, Any]], metrics: dict[str, dict[str, Any]], stopped: str | None
+) -> list[Finding]:
+    """Plain-words diagnoses of a detection run: still improving when the budget ended, past
+    its best (the best epoch was kept), a class far behind the others, val and test apart."""
+    out: list[Finding] = []
+    values = [float(r["val_map"]) for r in history if r.get("val_map") is not None]
+    if len(values) >= 3:
+        best_at = max(range(len(values)), key=lambda i: values[i])
+        if best_at >= len(values) - 2 and stopped == "budget":
+            out.append(
+                Finding(
+                    "info",
+                    "Still improving when the budget ended",
+                    f"validation mAP was highest in the last epochs ({values[best_at]:.3f}); "
+                    "a larger --budget would probably give a better model.",
+                )
+            )
+        elif values[best_at] - values[-1] > 0.02:
+            out.append(
+                Finding(
+                    "warning",
+                    "Past its best: the later epochs overfitted",
+                    f"validation mAP peaked at {values[best_at]:.3f} (epoch {best_at + 1} of "
+                    f"{len(values)}) and ended at {values[-1]:.3f}; the best epoch was kept. "
+                    "More labelled images or --augment heavy would help more than more epochs.",
+                )
+            )
+    split = "test" if "test" in metrics else "val"
+    per_class = metrics.get(split, {}).get("per_class", {})
+    aps = {n: v.get("ap_50") for n, v in per_class.items() if v.get("ap_50") is not None}
+    if len(aps) >= 2:
+        weakest = min(aps, key=lambda n: aps[n])
+        others = [v for n, v in aps.items() if n != weakest]
+        mean_others = sum(others) / len(others)
+        if aps[weakest] < 0.75 * mean_others:
+            boxes = per_class[weakest].get("gt")
+            out.append(
+                Finding(
+                    "warning",
+                    f"Class {weakest!r} lags behind",
+                    f"its {split} AP@.5 is {aps[weakest]:.3f} against {mean_others:.3f} for the "
+                    f"other classes ({boxes} boxes in {split}); label more examples of it, "
+                    "especially the ones in the gallery it misses.",
+                )
+            )
+    val, test = metrics.get("val", {}).get("map_50"), metrics.get("test", {}).get("map_50")
+    if val is not None and test is not None and abs(val - test) > 0.1:
+        out.append(
+            Finding(
+                "info",
+                "Validation and test disagree",
+                f"mAP@.5 {val:.3f} on validation and {test:.3f} on test: the splits are small "
+                "or differ; trust neither figure to better than about +-0.1.",
+            )
+        )
+    return out
+
+
 def write_detection_report(
     run: Path,
     *,
@@ -119,6 +179,7 @@ def write_detection_report(
     threshold: float,
     seconds: float,
     device: str,
+    stopped: str | None = None,
 ) -> Path:
     """Write ``run/report.html`` (plots next to it) and return its path.
 
@@ -168,7 +229,7 @@ def write_detection_report(
         },
         metrics={k: v for k, v in metrics.items() if k in {"val", "test"}},
         history=history,
-        findings=[],
+        findings=detection_findings(history, metrics, stopped),
         data_report=None,
         config=config,
         weights=weights or {"source": "none (random initialisation)"},

@@ -439,6 +439,7 @@ def train_detector(
         threshold=threshold,
         seconds=deadline.elapsed(),
         device=str(device),
+        stopped=fit.stopped,
     )
     seconds = deadline.elapsed()
     timing["report"] = round(seconds - report_started, 1)
