@@ -153,11 +153,12 @@ def train(
         ),
     ] = None,
     task: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="classify (a folder per class or a CSV) or detect (COCO, Pascal VOC or YOLO)."
+            help="classify (a folder per class or a CSV) or detect (COCO, Pascal VOC or YOLO); "
+            "default: detect when DATA is a COCO, VOC or YOLO dataset, else classify."
         ),
-    ] = "classify",
+    ] = None,
     detector: Annotated[
         str | None,
         typer.Option(help="--task detect: fcos (auto), retinanet, fasterrcnn_fpn or ssdlite."),
@@ -178,6 +179,8 @@ def train(
 
         # before anything is written: a typo must not leave an empty run directory behind
         raise DataError(f"dataset {data} does not exist")
+    if task is None:
+        task = _default_task(data, console)
     if task not in ("classify", "detect"):
         raise typer.BadParameter(f"--task is classify or detect, not {task!r}")
     if task == "detect" or (resume is not None and _run_task(resume) == "detect"):
@@ -291,6 +294,23 @@ def train(
         out.print_json(json.dumps(payload))
         return
     _print_summary(result.metrics, result.run_dir, result.report_path, result.seconds)
+
+
+def _default_task(data: Path | None, console: Console | None) -> str:
+    """``detect`` for a COCO, VOC or YOLO dataset (said on the console), else ``classify``."""
+    if data is None:
+        return "classify"
+    from visionflow.data.detection.readers import find_detection_dataset
+
+    found = find_detection_dataset(data)
+    if found is None:
+        return "classify"
+    if console is not None:
+        console.print(
+            f"{data} holds a detection dataset ({found}): training a detector "
+            "(--task classify to treat it otherwise)"
+        )
+    return "detect"
 
 
 def _run_task(run_dir: Path) -> str | None:

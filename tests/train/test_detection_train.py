@@ -142,7 +142,7 @@ def test_cli_trains_a_detector(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         app,
         [
-            "train", str(data), "--task", "detect", "--detector", "ssdlite", "--epochs", "1",
+            "train", str(data), "--detector", "ssdlite", "--epochs", "1",  # task: from the data
             "--backbone", "test_efficientnet", "--weights", "none", "--img-size", "64",
             "--budget", "none", "--batch-size", "4", "--out", str(tmp_path / "runs"),
             "--name", "cli", "--json",
@@ -346,3 +346,17 @@ def test_search_stops_after_failed_trials_and_still_refits(
     assert result.counts["failed"] == 3 and result.best is None
     assert result.refit.detector == "ssdlite"  # no trial completed: the default recipe
     assert (tmp_path / "run" / "model.json").is_file()
+
+
+def test_the_task_is_detected_from_the_data(tmp_path: Path) -> None:
+    from visionflow.cli import _default_task
+    from visionflow.data.detection.readers import find_detection_dataset
+
+    yolo = make_dataset(tmp_path / "one", images=4)
+    assert _default_task(yolo, None) == "detect"
+    assert find_detection_dataset(yolo.parent) == "yolo in yolo/"  # a folder holding one
+    assert _default_task(yolo.parent, None) == "detect"
+    classes = tmp_path / "flowers" / "rose"
+    classes.mkdir(parents=True)
+    assert _default_task(classes.parent, None) == "classify"
+    assert _default_task(None, None) == "classify"

@@ -25,6 +25,7 @@ __all__ = [
     "DetectionReaderFn",
     "available_detection_readers",
     "detect_detection_format",
+    "find_detection_dataset",
     "read_detection",
     "register_detection_reader",
 ]
@@ -60,6 +61,17 @@ def available_detection_readers() -> list[str]:
 def detect_detection_format(path: str | os.PathLike[str]) -> str | None:
     """Name of the first reader whose ``detect`` accepts ``path``, or ``None``."""
     return _REGISTRY.detect(Path(path).expanduser())
+
+
+def find_detection_dataset(path: str | os.PathLike[str]) -> str | None:
+    """What :func:`read_detection` would read at ``path``: the layout's name, ``"<name> in
+    <folder>/"`` for a folder that holds datasets (the first), or ``None``."""
+    root = Path(path).expanduser()
+    found = _REGISTRY.detect(root)
+    if found is not None:
+        return found
+    inside = _datasets_inside(root)
+    return f"{inside[0][1]} in {inside[0][0].name}/" if inside else None
 
 
 def read_detection(path: str | os.PathLike[str], *, format: str = "auto") -> DetectionIndex:
