@@ -218,3 +218,21 @@ def test_check_options_are_validated(det_datasets):
     # a larger minimum drops the thin sky box of img_e (8 px wide)
     report, _ = check_detection(index, min_box_size=10, decode=False)
     assert _sources(report, "degenerate") == ["Annotations/img_e.xml:object 1"]
+
+
+def test_box_iou_matrix_pairs_crowds_and_empty_boxes():
+    import numpy as np
+
+    from visionflow.data.detection import box_iou, box_iou_matrix
+
+    a = [(0, 0, 10, 10), (5, 5, 15, 15), (3, 3, 3, 8)]
+    b = [(0, 0, 10, 10), (0, 0, 20, 20)]
+    iou = box_iou_matrix(a, b)
+    assert iou.shape == (3, 2)
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            assert iou[i, j] == pytest.approx(box_iou(x, y))
+    crowd = box_iou_matrix(a, b, crowd=[False, True])
+    assert crowd[0, 1] == 1.0 and crowd[1, 1] == 1.0  # inside the crowd region: covered
+    assert crowd[2, 1] == 0.0  # no area: 0, not a division by zero
+    assert box_iou_matrix(np.zeros((0, 4)), b).shape == (0, 2)

@@ -47,6 +47,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from visionflow.data.detection.records import box_iou_matrix
 from visionflow.errors import ConfigError, DataError
 
 __all__ = [
@@ -508,24 +509,12 @@ def _max(values: np.ndarray) -> float:
 # Matching for the score threshold
 
 
-def _box_iou(dt: np.ndarray, gt: np.ndarray, crowd: np.ndarray) -> np.ndarray:
-    """``D x G`` IoU as COCO computes it: intersection over the detection's area for crowds."""
-    lt = np.maximum(dt[:, None, :2], gt[None, :, :2])
-    rb = np.minimum(dt[:, None, 2:], gt[None, :, 2:])
-    wh = np.clip(rb - lt, 0.0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    area_dt = (dt[:, 2] - dt[:, 0]) * (dt[:, 3] - dt[:, 1])
-    area_gt = (gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])
-    union = np.where(crowd[None, :], area_dt[:, None], area_dt[:, None] + area_gt[None, :] - inter)
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-
-
 def _match(dt: np.ndarray, gt: np.ndarray, crowd: np.ndarray, iou: float) -> np.ndarray:
     """Per detection (strongest first): 1 found an object, 0 false positive, -1 on a crowd."""
     status = np.zeros(len(dt), dtype=np.int8)
     if len(dt) == 0 or len(gt) == 0:
         return status
-    ious = _box_iou(dt, gt, crowd)
+    ious = box_iou_matrix(dt, gt, crowd)
     enough = ious >= min(iou, 1.0 - 1e-10)  # COCO's bound, so that iou=1 still matches
     free = ~crowd
     for d in range(len(dt)):

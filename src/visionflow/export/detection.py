@@ -75,6 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionflow._io import read_json
+from visionflow.data.detection.records import box_iou_matrix
 from visionflow.data.images import DEFAULT_MAX_PIXELS, load_image
 from visionflow.errors import CheckpointError, ConfigError, ExportError, ImageDecodeError
 from visionflow.export.bundle import ARCHIVE_SUFFIX, pack, write_bundle
@@ -394,15 +395,6 @@ class _Tally:
     exempt: int = 0
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of box ``a`` (4,) with each row of ``b`` (n, 4)."""
-    iw = np.clip(np.minimum(a[2], b[:, 2]) - np.maximum(a[0], b[:, 0]), 0, None)
-    ih = np.clip(np.minimum(a[3], b[:, 3]) - np.maximum(a[1], b[:, 1]), 0, None)
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-
-
 def _pair(
     ref: tuple[np.ndarray, np.ndarray, np.ndarray],
     got: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -432,7 +424,7 @@ def _pair(
 def _strongest(dets: tuple[np.ndarray, np.ndarray, np.ndarray], box: np.ndarray) -> int:
     """The label of the strongest detection overlapping ``box`` by IoU >= 0.5 (-1: none)."""
     boxes, scores, labels = dets
-    near = _iou(box, boxes) >= 0.5 if len(scores) else np.zeros(0, dtype=bool)
+    near = box_iou_matrix(box, boxes)[0] >= 0.5 if len(scores) else np.zeros(0, dtype=bool)
     if not near.any():
         return -1
     return int(labels[near][np.argmax(scores[near])])
@@ -457,7 +449,7 @@ def _excused(
             return True  # at the end of a list cut at detections_per_img
     stronger = (scores > score) & (labels == labels[k])
     if stronger.any():
-        iou = _iou(boxes[k], boxes[stronger])
+        iou = box_iou_matrix(boxes[k], boxes[stronger])[0]
         if (np.abs(iou - nms_thresh) <= _NMS_MARGIN).any():
             return True  # NMS decided by a rounding
     return False

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from visionflow.data.detection.records import box_iou_matrix
 from visionflow.prediction import Detections
 from visionflow.serve._errors import ServeError
 
@@ -58,19 +59,6 @@ def strongest_labels(detections: Sequence[Detections]) -> list[str]:
     return out
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise intersection over union of ``(n, 4)`` and ``(m, 4)`` XYXY boxes."""
-    a = np.asarray(a, np.float64).reshape(-1, 4)
-    b = np.asarray(b, np.float64).reshape(-1, 4)
-    lo = np.maximum(a[:, None, :2], b[None, :, :2])
-    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(hi - lo, 0, None).prod(axis=2)
-    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(axis=1)
-    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-
-
 def agreement(a: Detections, b: Detections, *, iou: float = MATCH_IOU) -> float:
     """How far two answers for one image agree, in ``[0, 1]``: objects matched one-to-one
     (same label, boxes overlapping at least ``iou``; greedily, strongest of ``a`` first) over
@@ -84,7 +72,7 @@ def agreement(a: Detections, b: Detections, *, iou: float = MATCH_IOU) -> float:
         return 1.0
     if not len(a) or not len(b):
         return 0.0
-    overlap = _iou(a.boxes, b.boxes)
+    overlap = box_iou_matrix(a.boxes, b.boxes)
     taken = np.zeros(len(b), bool)
     matched = 0
     for i in np.argsort(-np.asarray(a.scores, np.float64), kind="stable"):

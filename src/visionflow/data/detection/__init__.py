@@ -31,6 +31,7 @@ from visionflow.data.detection.records import (
     DetectionSample,
     Issue,
     box_iou,
+    box_iou_matrix,
     detection_split,
 )
 from visionflow.data.detection.writers import (
@@ -55,6 +56,7 @@ __all__ = [
     "available_detection_readers",
     "available_detection_writers",
     "box_iou",
+    "box_iou_matrix",
     "check_detection",
     "convert",
     "detect_detection_format",

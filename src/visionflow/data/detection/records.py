@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from visionflow._io import atomic_write_json, read_json
 from visionflow.data.index import SPLIT_NAMES, DatasetIndex, Sample, Split
 from visionflow.errors import DataError
@@ -44,6 +46,7 @@ __all__ = [
     "DetectionSample",
     "Issue",
     "box_iou",
+    "box_iou_matrix",
     "detection_split",
 ]
 
@@ -295,6 +298,27 @@ def box_iou(a: Box, b: Box) -> float:
     inter = iw * ih
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 and math.isfinite(union) else 0.0
+
+
+def box_iou_matrix(a: Any, b: Any, crowd: Any = None) -> np.ndarray:
+    """Pairwise intersection over union of ``(n, 4)`` and ``(m, 4)`` XYXY boxes, ``(n, m)``.
+
+    Boxes without area give 0. With ``crowd`` (``m`` flags), a crowd box's column is the
+    intersection over the area of the ``a`` box instead (COCO's rule: a detection inside a
+    crowd region is covered by it whatever the region's size).
+    """
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    lo = np.maximum(a[:, None, :2], b[None, :, :2])
+    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(hi - lo, 0.0, None).prod(axis=2)
+    area_a = np.clip(a[:, 2:] - a[:, :2], 0.0, None).prod(axis=1)
+    area_b = np.clip(b[:, 2:] - b[:, :2], 0.0, None).prod(axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    if crowd is not None:
+        union = np.where(np.asarray(crowd, dtype=bool)[None, :], area_a[:, None], union)
+    out: np.ndarray = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    return out
 
 
 def detection_split(
