@@ -78,3 +78,20 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def run_task(run_dir: str | os.PathLike[str]) -> str | None:
+    """The task (``"classify"``, ``"detect"``) of a run directory: its ``model.json``'s once
+    finished, else its ``config.json``'s (a killed run); ``None`` when neither can be read
+    (the loader that follows then says what is wrong)."""
+    for name in ("model.json", "config.json"):
+        path = Path(run_dir) / name
+        if not path.is_file():
+            continue
+        try:
+            task = read_json(path).get("task")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if task:
+            return str(task)
+    return None

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from visionflow._io import read_json
+from visionflow._io import read_json, run_task
 from visionflow.config import TrainConfig, load_train_config
 from visionflow.data.preprocess import Preprocessing
 from visionflow.data.transforms import eval_transform
@@ -259,22 +259,10 @@ def load(
     if is_bundle(p):
         return load_bundle(p)
     if p.is_dir():
-        if _run_task(p) == "detect":
+        if run_task(p) == "detect":
             return DetectorModel.from_run(p, device=device)
         return ClassifierModel.from_run(p, device=device)
     raise CheckpointError(f"{p}: expected a run directory or a model bundle (.vfb)")
-
-
-def _run_task(run: Path) -> str | None:
-    """The task a run directory's ``model.json`` declares (``None`` without one)."""
-    path = run / "model.json"
-    if not path.is_file():
-        return None
-    try:
-        task = read_json(path).get("task")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return str(task) if task else None
 
 
 def default_run_name(data: str | Path) -> str:

@@ -26,6 +26,7 @@ from rich.table import Table
 from visionflow import __version__
 from visionflow._cli_errors import err
 from visionflow._cli_errors import handle_errors as _handle_errors
+from visionflow._io import run_task
 
 app = typer.Typer(
     name="visionflow",
@@ -183,7 +184,7 @@ def train(
         task = _default_task(data, console)
     if task not in ("classify", "detect"):
         raise typer.BadParameter(f"--task is classify or detect, not {task!r}")
-    if task == "detect" or (resume is not None and _run_task(resume) == "detect"):
+    if task == "detect" or (resume is not None and run_task(resume) == "detect"):
         classify_only = {
             "--strategy": strategy, "--mixup": mixup, "--cutmix": cutmix, "--balance": balance,
             "--split": split, "--labels": labels,
@@ -311,18 +312,6 @@ def _default_task(data: Path | None, console: Console | None) -> str:
             "(--task classify to treat it otherwise)"
         )
     return "detect"
-
-
-def _run_task(run_dir: Path) -> str | None:
-    """The task of an existing run directory (from its saved config), if it has one."""
-    path = run_dir / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        found = json.loads(path.read_text(encoding="utf-8")).get("task")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return str(found) if found else None
 
 
 def _train_detector(

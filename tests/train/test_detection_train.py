@@ -360,3 +360,19 @@ def test_the_task_is_detected_from_the_data(tmp_path: Path) -> None:
     classes.mkdir(parents=True)
     assert _default_task(classes.parent, None) == "classify"
     assert _default_task(None, None) == "classify"
+
+
+def test_run_task_reads_the_model_then_the_config(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from visionflow._io import run_task
+
+    _, run = trained
+    assert run_task(run) == "detect"
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    assert run_task(killed) is None
+    (killed / "config.json").write_text('{"task": "classify"}')
+    assert run_task(killed) == "classify"
+    (killed / "model.json").write_text("{not json")
+    assert run_task(killed) == "classify"  # an unreadable manifest falls back to the config

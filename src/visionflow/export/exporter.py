@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from visionflow._io import read_json
+from visionflow._io import read_json, run_task
 from visionflow.data.images import load_image
 from visionflow.data.index import DatasetIndex, Split
 from visionflow.data.preprocess import Preprocessing
@@ -313,7 +313,7 @@ def export_run(
         ExportError: export, parity or quantisation failed.
     """
     run = Path(run_dir)
-    if _run_task(run) == "detect":
+    if run_task(run) == "detect":
         from visionflow.export.detection import export_detection_run
 
         return export_detection_run(
@@ -473,16 +473,6 @@ def export_run(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return ExportResult(path=path, meta=meta)
-
-
-def _run_task(run: Path) -> str | None:
-    """The task a run directory's ``model.json`` declares (``None`` when it cannot be read:
-    the classifier's loader then says what is wrong)."""
-    try:
-        task = read_json(run / "model.json").get("task")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return str(task) if task is not None else None
 
 
 def _headline_metrics(run_metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
