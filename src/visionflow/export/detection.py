@@ -62,7 +62,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -101,8 +100,6 @@ __all__ = [
     "torch_detect",
 ]
 
-#: ONNX opset of detection graphs (NonMaxSuppression, RoiAlign and Resize as ORT 1.18+ run them).
-OPSET = 17
 #: Detectors this module knows how to export (registered names).
 SUPPORTED = ("fasterrcnn_fpn", "fcos", "retinanet", "ssdlite")
 #: Parity tolerances (see the module docstring for what was measured).
@@ -287,7 +284,7 @@ def export_detector(model: nn.Module, path: str | Path) -> Path:
         ExportError: The detector is of a kind this module cannot export, its backbone pads
             differently for different input shapes, or the exporter fails.
     """
-    from visionflow.export.onnx import fold_pads, static_padding
+    from visionflow.export.onnx import static_padding, trace_to_onnx
     from visionflow.models.detection import detector_info
 
     info = detector_info(model)
@@ -316,30 +313,15 @@ def export_detector(model: nn.Module, path: str | Path) -> Path:
     rng = np.random.default_rng(0)
     example = torch.from_numpy(rng.integers(0, 256, (size * 3 // 4, size, 3), dtype=np.uint8))
     axes = {INPUT_NAME: {0: "height", 1: "width"}} | {n: {0: "detections"} for n in OUTPUT_NAMES}
-    raw = path.with_name(path.name + ".raw.tmp")
-    try:
-        with warnings.catch_warnings():
-            # the TorchScript exporter is deprecated and warns about every traced size; the
-            # graph is checked against PyTorch on real images anyway
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                graph,
-                (example,),
-                str(raw),
-                input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
-                dynamic_axes=axes,
-                opset_version=OPSET,
-                dynamo=False,
-            )
-        fold_pads(raw, path)
-    except ExportError:
-        raise
-    except Exception as exc:
-        raise ExportError(f"ONNX export of detector {info['name']!r} failed: {exc}") from exc
-    finally:
-        raw.unlink(missing_ok=True)
-    return path
+    return trace_to_onnx(
+        graph,
+        example,
+        path,
+        input_names=[INPUT_NAME],
+        output_names=list(OUTPUT_NAMES),
+        dynamic_axes=axes,
+        what=f"detector {info['name']!r}",
+    )
 
 
 # ----------------------------------------------------------------------------- parity

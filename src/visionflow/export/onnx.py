@@ -49,7 +49,8 @@ __all__ = [
     "static_padding",
 ]
 
-#: ONNX opset of exported graphs (ONNX Runtime 1.18+ runs it; QDQ per-channel needs >= 13).
+#: ONNX opset of exported graphs (ONNX Runtime 1.18+ runs it; QDQ per-channel needs >= 13;
+#: detection graphs need its NonMaxSuppression, RoiAlign and Resize).
 OPSET = 17
 
 
@@ -140,19 +141,48 @@ def export_classifier(model: nn.Module, pre: Preprocessing, path: str | Path) ->
     static_padding(model, pre.input_size)
     wrapper = _Exportable(model, pre).eval()
     example = torch.zeros(1, pre.input_size, pre.input_size, 3, dtype=torch.uint8)
+    return trace_to_onnx(
+        wrapper,
+        example,
+        path,
+        input_names=["images"],
+        output_names=["logits", "features"],
+        dynamic_axes={name: {0: "batch"} for name in ("images", "logits", "features")},
+        what=type(model).__name__,
+    )
+
+
+def trace_to_onnx(
+    module: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    *,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+    what: str,
+) -> Path:
+    """Trace ``module`` on ``example`` to ONNX (TorchScript exporter, :data:`OPSET`), then
+    constant-fold it and fold its zero pads into ``path`` (:func:`fold_pads`); the raw trace is
+    a temporary file next to ``path``.
+
+    Raises:
+        ExportError: Tracing or folding failed (``what`` names the model in the message).
+    """
     raw = path.with_name(path.name + ".raw.tmp")
     try:
         with warnings.catch_warnings():
             # the TorchScript-based exporter is deprecated in favour of dynamo, which needs
-            # more dependencies and exports slower; the graph is checked against PyTorch anyway
+            # more dependencies and exports slower, and warns about every traced size; the
+            # graph is checked against PyTorch on real images anyway
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                wrapper,
+                module,
                 (example,),
                 str(raw),
-                input_names=["images"],
-                output_names=["logits", "features"],
-                dynamic_axes={name: {0: "batch"} for name in ("images", "logits", "features")},
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
                 opset_version=OPSET,
                 dynamo=False,
             )
@@ -160,7 +190,7 @@ def export_classifier(model: nn.Module, pre: Preprocessing, path: str | Path) ->
     except ExportError:
         raise
     except Exception as exc:
-        raise ExportError(f"ONNX export of {type(model).__name__} failed: {exc}") from exc
+        raise ExportError(f"ONNX export of {what} failed: {exc}") from exc
     finally:
         raw.unlink(missing_ok=True)
     return path
