@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -77,7 +76,6 @@ from visionflow._io import read_json
 from visionflow.data.detection.records import box_iou_matrix
 from visionflow.data.images import DEFAULT_MAX_PIXELS, load_image
 from visionflow.errors import CheckpointError, ConfigError, ExportError, ImageDecodeError
-from visionflow.export.bundle import ARCHIVE_SUFFIX, pack, write_bundle
 from visionflow.export.detect_runtime import (
     DEFAULT_SCORE_THRESHOLD,
     INPUT_NAME,
@@ -717,14 +715,18 @@ def export_detection_run(
     """
     from visionflow.data.detection import DetectionIndex
     from visionflow.data.index import Split
-    from visionflow.export.exporter import ExportResult, _versions
+    from visionflow.export.exporter import (
+        ExportResult,
+        _versions,
+        export_target,
+        export_workdir,
+        finish_bundle,
+    )
     from visionflow.export.runtime import make_session
 
     say = progress or (lambda _line: None)
     run = Path(run_dir)
-    target = Path(out) if out is not None else run / f"model{ARCHIVE_SUFFIX}"
-    if target.exists() and not overwrite:
-        raise ExportError(f"{target} exists; pass --overwrite to replace it")
+    target = export_target(run, out, overwrite=overwrite)
     if fp16:
         raise ExportError(
             "--fp16 is not offered for detectors: box decoding and NMS need float32 (an FP16 "
@@ -755,10 +757,7 @@ def export_detection_run(
     parity_px = [px for _, px in eval_images[:max_parity_images]]
     probes = shape_probes(parity_px[0])
 
-    work = Path(
-        tempfile.mkdtemp(prefix="vf-export-", dir=target.parent if target.parent.exists() else None)
-    )
-    try:
+    with export_workdir(target) as work:
         files: dict[str, Path] = {}
         say(f"exporting the FP32 graph ({info['name']}, {info['backbone']})")
         started = time.perf_counter()
@@ -840,17 +839,8 @@ def export_detection_run(
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "run": {"path": str(run.resolve()), "created_at": run_meta.get("created_at")},
         }
-        card = work / "README.md"
-        card.write_text(detection_model_card(meta, files), encoding="utf-8")
-        files["README.md"] = card
-        say("writing the bundle")
-        if target.suffix == ARCHIVE_SUFFIX:
-            folder = write_bundle(work / "bundle", files, meta)
-            path = pack(folder, target, overwrite=overwrite)
-        else:
-            path = write_bundle(target, files, meta, overwrite=overwrite)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        card = detection_model_card(meta, files)
+        path = finish_bundle(work, target, files, meta, card, overwrite=overwrite, say=say)
     return ExportResult(path=path, meta=meta)
 
 

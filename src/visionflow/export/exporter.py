@@ -19,10 +19,11 @@ Steps, each one recorded in the bundle's ``model.json``:
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -276,6 +277,48 @@ def model_card(meta: dict[str, Any], files: dict[str, Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def export_target(run: Path, out: str | Path | None, *, overwrite: bool) -> Path:
+    """Where a run's bundle goes (``out``, default ``<run>/model.vfb``); refused if it exists
+    and ``overwrite`` is not given."""
+    target = Path(out) if out is not None else run / f"model{ARCHIVE_SUFFIX}"
+    if target.exists() and not overwrite:
+        raise ExportError(f"{target} exists; pass --overwrite to replace it")
+    return target
+
+
+@contextlib.contextmanager
+def export_workdir(target: Path) -> Iterator[Path]:
+    """A temporary folder for the graphs being built, next to ``target`` when its folder
+    exists (the final move stays on one file system); removed afterwards."""
+    work = Path(
+        tempfile.mkdtemp(prefix="vf-export-", dir=target.parent if target.parent.exists() else None)
+    )
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def finish_bundle(
+    work: Path,
+    target: Path,
+    files: dict[str, Path],
+    meta: dict[str, Any],
+    card: str,
+    *,
+    overwrite: bool,
+    say: Callable[[str], None],
+) -> Path:
+    """Add the model card to ``files`` and write the bundle at ``target``: a directory, or a
+    ``.vfb`` archive packed from one built in ``work``."""
+    (work / "README.md").write_text(card, encoding="utf-8")
+    files["README.md"] = work / "README.md"
+    say("writing the bundle")
+    if target.suffix == ARCHIVE_SUFFIX:
+        return pack(write_bundle(work / "bundle", files, meta), target, overwrite=overwrite)
+    return write_bundle(target, files, meta, overwrite=overwrite)
+
+
 def export_run(
     run_dir: str | Path,
     out: str | Path | None = None,
@@ -333,9 +376,7 @@ def export_run(
     from visionflow.export.quantize import convert_fp16, quantize_int8
 
     say = progress or (lambda _line: None)
-    target = Path(out) if out is not None else run / f"model{ARCHIVE_SUFFIX}"
-    if target.exists() and not overwrite:
-        raise ExportError(f"{target} exists; pass --overwrite to replace it")
+    target = export_target(run, out, overwrite=overwrite)
     clf = ClassifierModel.from_run(run, device="cpu")
     pre = clf.preprocessing
     for name in ("index.json", "split.json"):
@@ -358,10 +399,7 @@ def export_run(
         if label in counts:
             counts[label] += 1
 
-    work = Path(
-        tempfile.mkdtemp(prefix="vf-export-", dir=target.parent if target.parent.exists() else None)
-    )
-    try:
+    with export_workdir(target) as work:
         files: dict[str, Path] = {}
         graphs: dict[str, dict[str, Any]] = {}
         say("exporting the FP32 graph")
@@ -461,17 +499,8 @@ def export_run(
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "run": {"path": str(run.resolve()), "created_at": info.get("created_at")},
         }
-        card = work / "README.md"
-        card.write_text(model_card(meta, files), encoding="utf-8")
-        files["README.md"] = card
-        say("writing the bundle")
-        if target.suffix == ARCHIVE_SUFFIX:
-            folder = write_bundle(work / "bundle", files, meta)
-            path = pack(folder, target, overwrite=overwrite)
-        else:
-            path = write_bundle(target, files, meta, overwrite=overwrite)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        card = model_card(meta, files)
+        path = finish_bundle(work, target, files, meta, card, overwrite=overwrite, say=say)
     return ExportResult(path=path, meta=meta)
 
 
