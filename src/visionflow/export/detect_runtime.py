@@ -275,25 +275,17 @@ def load_detection_bundle(
     Raises:
         BundleError: The graph asked for is unknown or absent, or ONNX Runtime cannot load it.
     """
-    from visionflow.export.runtime import make_session
+    from visionflow.export.runtime import open_graph
 
-    if graph == "default":
-        name = str(bundle.meta.get("default_graph", "model.onnx"))
-    elif graph in DETECTION_GRAPHS:
-        name = DETECTION_GRAPHS[graph]
-    else:
-        raise BundleError(
-            f"graph must be 'default' or one of {sorted(DETECTION_GRAPHS)} for a detection "
-            f"bundle, got {graph!r}"
-        )
-    if not bundle.has(name):
-        have = [k for k, v in DETECTION_GRAPHS.items() if bundle.has(v)]
-        raise BundleError(f"{bundle.source} holds no {graph} graph ({name}); it has {have}")
     for key in ("classes",):
         if not isinstance(bundle.meta.get(key), list) or not bundle.meta[key]:
             raise BundleError(f"{bundle.source}: model.json has no {key!r} list")
-    try:
-        session = make_session(bundle.file(name), threads=threads, providers=providers)
-    except Exception as exc:
-        raise BundleError(f"{bundle.source}: ONNX Runtime cannot load {name}: {exc}") from exc
+    session, name = open_graph(
+        bundle,
+        graph,
+        DETECTION_GRAPHS,
+        threads=threads,
+        providers=providers,
+        kind=" for a detection bundle",
+    )
     return DetectionBundleModel(bundle, session, name)

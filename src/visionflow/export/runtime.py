@@ -197,17 +197,40 @@ def load_bundle(
         return load_detection_bundle(bundle, graph=graph, threads=threads, providers=providers)
     if bundle.meta.get("task") != "classify":
         raise BundleError(f"{path}: task {bundle.meta.get('task')!r} is not classification")
+    session, name = open_graph(bundle, graph, GRAPHS, threads=threads, providers=providers)
+    return BundleModel(bundle, session, name)
+
+
+def open_graph(
+    bundle: Bundle,
+    graph: str,
+    graphs: dict[str, str],
+    *,
+    threads: int | None = None,
+    providers: Sequence[str] | None = None,
+    kind: str = "",
+) -> tuple[Any, str]:
+    """The ONNX Runtime session of one of a bundle's graphs and the graph's file name.
+
+    ``graph`` is ``"default"`` (the manifest's ``default_graph``) or a key of ``graphs``
+    (kind -> file, the graphs this kind of bundle may hold; ``kind`` names it in errors).
+
+    Raises:
+        BundleError: The graph asked for is unknown or absent, or ONNX Runtime cannot load it.
+    """
     if graph == "default":
         name = str(bundle.meta.get("default_graph", "model.onnx"))
-    elif graph in GRAPHS:
-        name = GRAPHS[graph]
+    elif graph in graphs:
+        name = graphs[graph]
     else:
-        raise BundleError(f"graph must be 'default' or one of {sorted(GRAPHS)}, got {graph!r}")
+        raise BundleError(
+            f"graph must be 'default' or one of {sorted(graphs)}{kind}, got {graph!r}"
+        )
     if not bundle.has(name):
-        have = [k for k, v in GRAPHS.items() if bundle.has(v)]
-        raise BundleError(f"{path} holds no {graph} graph ({name}); it has {have}")
+        have = [k for k, v in graphs.items() if bundle.has(v)]
+        raise BundleError(f"{bundle.source} holds no {graph} graph ({name}); it has {have}")
     try:
         session = make_session(bundle.file(name), threads=threads, providers=providers)
     except Exception as exc:
-        raise BundleError(f"{path}: ONNX Runtime cannot load {name}: {exc}") from exc
-    return BundleModel(bundle, session, name)
+        raise BundleError(f"{bundle.source}: ONNX Runtime cannot load {name}: {exc}") from exc
+    return session, name
