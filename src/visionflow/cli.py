@@ -210,18 +210,7 @@ def train(
         }  # fmt: skip
         scfg = None
         if search:
-            scfg = load_search_config(
-                file=config,
-                overrides={
-                    "enabled": True, "workers": workers, "storage": storage, "trials": trials,
-                    "pruner": pruner,
-                },
-            )  # fmt: skip
-            space_overrides = dict(scfg.space)
-            if space is not None:
-                space_overrides.update(_read_space_file(space))
-            space_overrides.update(_parse_params(param or []))
-            scfg.space = space_overrides
+            scfg = _search_config(config, True, workers, storage, trials, pruner, space, param)
         _train_detector(
             data, resume, out_dir, name, preset, config, json_out, console, det_overrides, scfg
         )
@@ -255,18 +244,7 @@ def train(
         }  # fmt: skip
         cfg = load_train_config(preset=preset, file=config, overrides=overrides)
         run_dir = out_dir / (name or default_run_name(data))
-        scfg = load_search_config(
-            file=config,
-            overrides={
-                "enabled": search, "workers": workers, "storage": storage, "trials": trials,
-                "pruner": pruner,
-            },
-        )  # fmt: skip
-        space_overrides = dict(scfg.space)
-        if space is not None:
-            space_overrides.update(_read_space_file(space))
-        space_overrides.update(_parse_params(param or []))
-        scfg.space = space_overrides
+        scfg = _search_config(config, search, workers, storage, trials, pruner, space, param)
         if scfg.enabled:
             from visionflow.search.runner import search_classifier
 
@@ -295,6 +273,35 @@ def train(
         out.print_json(json.dumps(payload))
         return
     _print_summary(result.metrics, result.run_dir, result.report_path, result.seconds)
+
+
+def _search_config(
+    config: Path | None,
+    enabled: bool | None,
+    workers: int | None,
+    storage: str | None,
+    trials: int | None,
+    pruner: str | None,
+    space: Path | None,
+    param: list[str] | None,
+) -> Any:
+    """The search settings: the settings file's ``search:`` mapping, then the flags; the
+    space overrides of the file, then ``--space``, then ``--param``."""
+    from visionflow.config import load_search_config
+
+    scfg = load_search_config(
+        file=config,
+        overrides={
+            "enabled": enabled, "workers": workers, "storage": storage, "trials": trials,
+            "pruner": pruner,
+        },
+    )  # fmt: skip
+    space_overrides = dict(scfg.space)
+    if space is not None:
+        space_overrides.update(_read_space_file(space))
+    space_overrides.update(_parse_params(param or []))
+    scfg.space = space_overrides
+    return scfg
 
 
 def _default_task(data: Path | None, console: Console | None) -> str:
