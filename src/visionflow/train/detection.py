@@ -347,11 +347,10 @@ def train_detector(
         else None
     )
     task = DetectionTask(classes)
-    # images evaluated after training: the NMS choice's validation passes, then val and test
-    # (a search trial evaluates nothing after training: its score is the best epoch's)
-    evaluated = (
-        0 if trial is not None else len(split.val) * (1 + len(NMS_CANDIDATES)) + len(split.test)
-    )
+    # images evaluated after training: the NMS choice's validation passes (the final
+    # evaluation reuses the chosen one), then test (a search trial evaluates nothing after
+    # training: its score is the best epoch's)
+    evaluated = 0 if trial is not None else len(split.val) * len(NMS_CANDIDATES) + len(split.test)
     train_deadline = Deadline(_train_seconds(deadline, evaluated, None), spent=deadline.elapsed())
 
     def replan(epoch_seconds: float) -> int:
@@ -402,10 +401,12 @@ def train_detector(
         return _trial_result(run, engine, val_loader, fit, detector, deadline)
     timing = {"before_training": round(fit_started, 1), "training": round(fit.seconds, 1)}
     evaluation_started = deadline.elapsed()
-    nms = _choose_nms(engine, val_loader, cfg, deadline, len(split.val) + len(split.test))
+    chosen = _choose_nms(engine, val_loader, cfg, deadline, len(split.val) + len(split.test))
+    nms, detected = chosen if chosen is not None else (None, None)
     if nms is not None:
         say(f"NMS IoU threshold {nms['chosen']} (val mAP by threshold: {nms['val_map']})")
-    metrics, results, predictions = _evaluate(engine, index, split, cfg, classes)
+    known = {"val": detected} if detected is not None else {}
+    metrics, results, predictions = _evaluate(engine, index, split, cfg, classes, known)
     threshold = _score_threshold(predictions.get("val"), classes)
     timing["evaluation"] = round(deadline.elapsed() - evaluation_started, 1)
     info = detector_info(model)
@@ -526,9 +527,10 @@ def _choose_nms(
     cfg: DetectConfig,
     deadline: Deadline,
     evaluated: int,
-) -> dict[str, Any] | None:
+) -> tuple[dict[str, Any], tuple[list[Any], list[Any]]] | None:
     """Pick the NMS IoU threshold with the best validation mAP@[.5:.95] among
-    :data:`NMS_CANDIDATES` and the configured one, and set it on the model.
+    :data:`NMS_CANDIDATES` and the configured one, and set it on the model; returns the choice
+    and the validation detections and targets at it (the final evaluation reuses them).
 
     How much overlapping objects overlap is a property of the data (crowded shelves need a
     high threshold, isolated objects a low one), and trying a threshold costs one validation
@@ -545,12 +547,16 @@ def _choose_nms(
     if not deadline.allows(needed):
         return None
     scores: dict[float, float] = {}
+    found: dict[float, tuple[list[Any], list[Any]]] = {}
     for value in candidates:
         set_nms_threshold(engine.model, value)
-        scores[value] = float(engine.validate(val_loader).get("map") or 0.0)
+        found[value] = engine.detect(val_loader)
+        metrics = engine.task.metrics(*found[value])  # type: ignore[arg-type]
+        scores[value] = float(metrics.get("map") or 0.0)
     best = max(candidates, key=lambda v: (scores[v], v == cfg.nms_thresh))
     set_nms_threshold(engine.model, best)
-    return {"chosen": best, "val_map": {str(v): round(m, 4) for v, m in scores.items()}}
+    summary = {"chosen": best, "val_map": {str(v): round(m, 4) for v, m in scores.items()}}
+    return summary, found[best]
 
 
 def _train_seconds(deadline: Deadline, evaluated: int, per_image: float | None) -> float | None:
@@ -633,9 +639,12 @@ def _evaluate(
     split: Split,
     cfg: DetectConfig,
     classes: list[str],
+    known: dict[str, tuple[list[Any], list[Any]]],
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, tuple[list[Any], list[Any]]]]:
     """Full COCO metrics (per class, by size, PR curves) of the kept model on val and test:
-    as JSON, as result objects, and the per-image predictions and targets behind them."""
+    as JSON, as result objects, and the per-image predictions and targets behind them.
+    ``known`` holds a split's detections and targets already computed with the model as it is
+    (the NMS choice's validation pass), which are not computed again."""
     from visionflow.evaluate.detection import evaluate_detections
 
     metrics: dict[str, dict[str, Any]] = {}
@@ -645,8 +654,11 @@ def _evaluate(
         positions = split[name]
         if not positions:
             continue
-        loader = _loader(_eval_dataset(index, positions, cfg), cfg, engine.device, shuffle=False)
-        outputs, targets = engine.detect(loader)
+        if name in known:
+            outputs, targets = known[name]
+        else:
+            dataset = _eval_dataset(index, positions, cfg)
+            outputs, targets = engine.detect(_loader(dataset, cfg, engine.device, shuffle=False))
         preds = [_zero_based(o, "scores") for o in outputs]
         truth = [_zero_based(t, "iscrowd") for t in targets]
         result = evaluate_detections(preds, truth, classes)
