@@ -659,23 +659,12 @@ def _evaluate(
         else:
             dataset = _eval_dataset(index, positions, cfg)
             outputs, targets = engine.detect(_loader(dataset, cfg, engine.device, shuffle=False))
-        preds = [_zero_based(o, "scores") for o in outputs]
-        truth = [_zero_based(t, "iscrowd") for t in targets]
+        preds, truth = DetectionTask(classes).to_evaluation(outputs, targets)
         result = evaluate_detections(preds, truth, classes)
         metrics[name] = result.to_json(curves=True)
         results[name] = result
         predictions[name] = (preds, truth)
     return metrics, results, predictions
-
-
-def _zero_based(item: dict[str, Any], extra: str) -> dict[str, Any]:
-    out = {
-        "boxes": item["boxes"].numpy(),
-        "labels": item["labels"].numpy() - DetectionTask.label_offset,
-    }
-    if extra in item:
-        out[extra] = np.asarray(item[extra])
-    return out
 
 
 def _score_threshold(found: tuple[list[Any], list[Any]] | None, classes: list[str]) -> float:

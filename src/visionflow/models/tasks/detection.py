@@ -60,6 +60,16 @@ class DetectionTask(Task):
         """
         from visionflow.evaluate.detection import evaluate_detections
 
+        preds, truth = self.to_evaluation(outputs, targets)
+        result = evaluate_detections(preds, truth, self.class_names)
+        out = result.to_json()
+        return {k: out[k] for k in SCALAR_METRICS}
+
+    def to_evaluation(
+        self, outputs: Any, targets: Any
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Detector outputs and dataset targets as :func:`evaluate_detections` takes them:
+        numpy arrays, 0-based class ids, crowd flags (none when a target has no ``iscrowd``)."""
         preds = [
             {
                 "boxes": _numpy(o["boxes"]),
@@ -76,9 +86,7 @@ class DetectionTask(Task):
             }
             for t in targets
         ]
-        result = evaluate_detections(preds, truth, self.class_names)
-        out = result.to_json()
-        return {k: out[k] for k in SCALAR_METRICS}
+        return preds, truth
 
     def batch_size(self, targets: Any) -> int:
         return len(targets)
