@@ -86,6 +86,8 @@ class DetectionEngine(Engine):
         super().__init__(model, task, config, **kwargs)  # type: ignore[arg-type]
         self._trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         self.eval_seconds_per_image: float | None = None
+        #: Seconds on the deadline's clock when the warm-up ended (set at the first decay step).
+        self._warm_end: float | None = None
 
     def _backbone(self) -> nn.Module:
         body = self.model.backbone.body
@@ -114,34 +116,20 @@ class DetectionEngine(Engine):
             )
         return groups
 
-    def _scheduler(
-        self, optimizer: torch.optim.Optimizer, steps_per_epoch: int
-    ) -> torch.optim.lr_scheduler.LambdaLR:
-        """Warm-up, then cosine decay over whichever ends first: ``epochs`` or the training
-        budget measured in seconds. Under a budget the decay follows the clock, so a machine
-        that slows down mid-run shortens the schedule smoothly (both measures only grow, so
-        the learning rate never rises again after the warm-up), and the last epoch that fits
-        in the budget ends near the floor."""
-        cfg = self.config
-        warmup = max(0, round(cfg.warmup_epochs * steps_per_epoch))
-        floor = cfg.min_lr_ratio
+    def _decay_progress(self, done: int, total: int) -> float:
+        """The cosine decay runs over whichever ends first: the steps of ``epochs`` or the
+        training budget measured in seconds from the end of the warm-up. Under a budget the
+        decay follows the clock, so a machine that slows down mid-run shortens the schedule
+        smoothly (both measures only grow, so the learning rate never rises again after the
+        warm-up), and the last epoch that fits in the budget ends near the floor."""
+        progress = done / total
         deadline = self.deadline
-        warm_end: list[float] = []  # seconds on the deadline's clock when the warm-up ended
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            total = max(1, cfg.epochs * steps_per_epoch - warmup)
-            progress = (step - warmup) / total
-            if deadline.seconds is not None:
-                if not warm_end:
-                    warm_end.append(deadline.elapsed())
-                span = max(1e-6, deadline.seconds - warm_end[0])
-                progress = max(progress, (deadline.elapsed() - warm_end[0]) / span)
-            progress = min(1.0, progress)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        if deadline.seconds is not None:
+            if self._warm_end is None:
+                self._warm_end = deadline.elapsed()
+            span = max(1e-6, deadline.seconds - self._warm_end)
+            progress = max(progress, (deadline.elapsed() - self._warm_end) / span)
+        return progress
 
     def _set_backbone_frozen(self, frozen: bool) -> None:
         for name, param in self.model.named_parameters():

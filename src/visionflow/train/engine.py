@@ -173,10 +173,15 @@ class Engine:
             total = max(1, self.planned_epochs * steps_per_epoch)
             if step < warmup:
                 return (step + 1) / (warmup + 1)
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            progress = min(1.0, self._decay_progress(step - warmup, max(1, total - warmup)))
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def _decay_progress(self, done: int, total: int) -> float:
+        """How far the cosine decay is (0..1, clipped by the caller) after ``done`` of ``total``
+        optimiser steps past the warm-up; subclasses may measure it otherwise (the clock)."""
+        return done / total
 
     def _set_backbone_frozen(self, frozen: bool) -> None:
         for p in self.model.backbone.parameters():
