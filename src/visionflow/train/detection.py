@@ -55,7 +55,7 @@ from visionflow.train.budget import Deadline, format_seconds
 from visionflow.train.callbacks import Callback, RichProgress, StopTraining
 from visionflow.train.checkpoint import save_weights
 from visionflow.train.device import configure_threads, select_device
-from visionflow.train.engine import Engine, FitConfig
+from visionflow.train.engine import Engine, FitConfig, _is_no_decay
 
 __all__ = ["AUTO_DETECTOR", "DetectionEngine", "DetectionRunResult", "Trial", "train_detector"]
 
@@ -103,7 +103,7 @@ class DetectionEngine(Engine):
             if name not in self._trainable:
                 continue
             part = "backbone" if name.startswith(_BACKBONE_PREFIX) else "head"
-            no_decay = param.ndim <= 1 or name.endswith(".bias")
+            no_decay = _is_no_decay(name, param)
             buckets.setdefault((part, no_decay), []).append(param)
         for (part, no_decay), params in sorted(buckets.items()):
             groups.append(
