@@ -206,10 +206,11 @@ def pruning(
     seed: int,
     trials: int,
     epochs: tuple[int, int] = (4, 8),
+    pruners: tuple[str, ...] = ("hyperband", "none"),
 ) -> dict[str, Any]:
     space = {**PRUNING_SPACE, "epochs": {"low": epochs[0], "high": epochs[1]}}
-    out: dict[str, Any] = {"seed": seed, "trials": trials, "space": space}
-    for pruner in ("hyperband", "none"):
+    out: dict[str, Any] = {"seed": seed, "trials": trials, "space": space, "pruners": pruners}
+    for pruner in pruners:
         _log(f"B seed {seed}: {trials} trials, pruner {pruner}")
         run_dir = work / f"prune-{pruner}-seed{seed}"
         search = SearchConfig(pruner=pruner, trials=trials, space=dict(space))
@@ -285,7 +286,8 @@ def table_b(results: list[dict[str, Any]]) -> str:
         return f"{a / b:.2f}x" if b else "-"
 
     for r in results:
-        for name in ("hyperband", "none"):
+        names = list(r.get("pruners") or ("hyperband", "none"))
+        for name in names:
             x = r[name]
             lines.append(
                 f"| {r['seed']} | {name} | {_counts(x['counts'])} | {x['epochs']} | "
@@ -294,20 +296,27 @@ def table_b(results: list[dict[str, Any]]) -> str:
                 f"{x['cpu_seconds']:.0f} s | {_pct(x['best_value'])} | "
                 f"{_pct(x['test_accuracy'])} |"
             )
-        hb, none = r["hyperband"], r["none"]
-        r["ratio"] = {
-            k: hb[k] / none[k] if none[k] else None
-            for k in ("epochs", "train_images", "trial_seconds", "search_seconds")
-        }
-        delta_val = 100 * ((hb["best_value"] or 0) - (none["best_value"] or 0))
-        lines.append(
-            f"| {r['seed']} | **hyperband / none** | | {ratio(hb['epochs'], none['epochs'])} | "
-            f"{ratio(hb['train_images'], none['train_images'])} | "
-            f"{ratio(hb['trial_seconds'], none['trial_seconds'])} | "
-            f"{ratio(hb['search_seconds'], none['search_seconds'])} wall | "
-            f"{delta_val:+.1f} pt | "
-            f"{100 * (hb['test_accuracy'] - none['test_accuracy']):+.1f} pt |"
-        )
+        if "none" not in r:
+            continue
+        none = r["none"]
+        r["ratio"] = {}
+        for name in names:
+            if name == "none":
+                continue
+            hb = r[name]
+            r["ratio"][name] = {
+                k: hb[k] / none[k] if none[k] else None
+                for k in ("epochs", "train_images", "trial_seconds", "search_seconds")
+            }
+            delta_val = 100 * ((hb["best_value"] or 0) - (none["best_value"] or 0))
+            lines.append(
+                f"| {r['seed']} | **{name} / none** | | {ratio(hb['epochs'], none['epochs'])} | "
+                f"{ratio(hb['train_images'], none['train_images'])} | "
+                f"{ratio(hb['trial_seconds'], none['trial_seconds'])} | "
+                f"{ratio(hb['search_seconds'], none['search_seconds'])} wall | "
+                f"{delta_val:+.1f} pt | "
+                f"{100 * (hb['test_accuracy'] - none['test_accuracy']):+.1f} pt |"
+            )
     return "\n".join(lines)
 
 
@@ -325,6 +334,13 @@ def main() -> None:
         default=[4, 8],
         metavar=("LOW", "HIGH"),
         help="part B's range of fine-tune epochs per trial",
+    )
+    parser.add_argument(
+        "--pruners",
+        nargs="+",
+        default=["hyperband", "none"],
+        choices=["hyperband", "asha", "median", "none"],
+        help="part B's arms (each compared with none when none is one of them)",
     )
     parser.add_argument("--only", choices=["single-vs-search", "pruning"], default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
@@ -361,7 +377,15 @@ def main() -> None:
             )
         if args.only in (None, "pruning"):
             results["pruning"].append(
-                pruning(train_dir, test_dir, work, seed, args.trials, tuple(args.prune_epochs))
+                pruning(
+                    train_dir,
+                    test_dir,
+                    work,
+                    seed,
+                    args.trials,
+                    tuple(args.prune_epochs),
+                    tuple(args.pruners),
+                )
             )
         if args.out is not None:  # after every seed: a crash later keeps what was measured
             args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
@@ -369,7 +393,7 @@ def main() -> None:
         print("### A. Search vs single run at the same budget\n")
         print(table_a(results["single_vs_search"]) + "\n")
     if results["pruning"]:
-        print("### B. Pruning: Hyperband vs none, same trials\n")
+        print("### B. Pruning: " + " vs ".join(args.pruners) + ", same trials\n")
         print(table_b(results["pruning"]) + "\n")
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -138,9 +138,10 @@ def train(
     trials: Annotated[
         int | None, typer.Option(help="Most trials in the study (needed with --budget none).")
     ] = None,
-    pruner: Annotated[str | None, typer.Option(help="hyperband (default), median or none.")] = (
-        None
-    ),
+    pruner: Annotated[
+        str | None,
+        typer.Option(help="hyperband (default), asha (successive halving), median or none."),
+    ] = None,
     space: Annotated[
         Path | None, typer.Option(help="YAML/JSON file of search-space overrides.")
     ] = None,

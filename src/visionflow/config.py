@@ -216,7 +216,7 @@ class SearchConfig(BaseModel):
         description="study storage: None (a journal file in the run), a .journal path, "
         "sqlite:///file.db or postgresql://user@host/db",
     )
-    pruner: Literal["hyperband", "median", "none"] = "hyperband"
+    pruner: Literal["hyperband", "asha", "median", "none"] = "hyperband"
     trials: int | None = Field(
         default=None,
         ge=1,

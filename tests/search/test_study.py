@@ -130,6 +130,24 @@ def test_hyperband_pruner_runs(tmp_path):
     assert counts["complete"] + counts["pruned"] == 12
 
 
+def test_successive_halving_prunes_trailing_trials_at_epoch_two(tmp_path):
+    study = Study.open("asha", run_dir=tmp_path, space=small_space(), pruner="asha")
+    stopped_at: dict[int, int] = {}
+
+    def objective(trial: TrialHandle) -> float:
+        value = 1.0 - 0.1 * trial.number  # each trial trails the ones before it
+        for step in range(1, 10):
+            trial.report(value, step)
+            if trial.should_prune():
+                stopped_at[trial.number] = step
+                raise TrialPruned()
+        return value
+
+    study.optimize(objective, n_trials=4)
+    assert 0 not in stopped_at, "the first trial has nobody to trail"
+    assert stopped_at == {1: 2, 2: 2, 3: 2}, "the first rung is epoch 2, not epoch 1"
+
+
 def test_caught_exception_fails_the_trial_and_goes_on(tmp_path):
     study = Study.open("fails", run_dir=tmp_path, space=small_space(), pruner="none")
 
@@ -225,7 +243,7 @@ def test_unreachable_database_masks_the_password():
 
 def test_bad_pruner_and_direction(tmp_path):
     with pytest.raises(ConfigError, match="pruner"):
-        Study.open("x", run_dir=tmp_path, space=small_space(), pruner="asha")
+        Study.open("x", run_dir=tmp_path, space=small_space(), pruner="bohb")
     with pytest.raises(ConfigError, match="direction"):
         Study.open("x", run_dir=tmp_path, space=small_space(), direction="up")
 

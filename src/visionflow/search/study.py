@@ -256,6 +256,11 @@ _PRUNERS: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
         max_resource="auto",
         reduction_factor=3,
     ),
+    # one bracket of Hyperband: rungs at epochs 2, 6, 18; a trial goes on only when it is in
+    # the top third of the trials that reached its rung (the first trial always goes on)
+    "asha": lambda: optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=2, reduction_factor=3, min_early_stopping_rate=0
+    ),
     "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
     "none": optuna.pruners.NopPruner,
 }
