@@ -338,6 +338,52 @@ def test_refit_takes_the_best_trial_when_it_is_the_incumbent_or_there_is_none(tm
     assert _refit_choice([failed], tmp_path, n_val=60, refit_seconds=60.0)[0] is None
 
 
+def test_a_probe_beats_a_finished_fine_tune_only_by_more_than_one_image(tmp_path):
+    """Once the incumbent's fine-tune settled, or not one more epoch of it fits, its score is
+    final: a probe is compared with it as it is, not by features and refit epochs."""
+    inc = _kept_finetune(tmp_path, 0, 54 / 60, probe_val=50 / 60, epochs=12, seconds=240.0,
+                         settled=True)  # fmt: skip
+    close = _trial_row(1, 55 / 60, strategy="probe", backbone="lite2", probe_val=55 / 60)
+    chosen, why = _refit_choice([close, inc], tmp_path, n_val=60, refit_seconds=600.0)
+    assert chosen is inc and "finished fine-tune" in why
+    ahead = _trial_row(1, 57 / 60, strategy="probe", backbone="lite2", probe_val=57 / 60)
+    chosen, why = _refit_choice([ahead, inc], tmp_path, n_val=60, refit_seconds=600.0)
+    assert chosen is ahead and "leads trial 0's finished fine-tune by 5.0 points" in why
+    # not settled, but the refit's 10 s fit no epoch of its 20 s: final too
+    running = {**inc, "info": {**inc["info"], "settled": False}}
+    assert _refit_choice([ahead, running], tmp_path, n_val=60, refit_seconds=10.0)[0] is ahead
+    assert "finished" not in _refit_choice([ahead, running], tmp_path, n_val=60,
+                                           refit_seconds=600.0)[1]  # fmt: skip
+
+
+def test_the_other_trials_get_the_time_the_default_trial_leaves(tmp_path, image_folder):
+    study, objective = _study_with_run(tmp_path, image_folder, time.time() + 10)
+    now = time.time()
+    run = {**study.attrs[_RUN_ATTR], "budget_end": now + 110, "refit_fraction": 0.4}
+    study.set_attr(_RUN_ATTR, run)
+    objective.after_default(reserved=10.0)
+    # 100 s left after the refit's 10: 60 % of them for trials
+    assert study.attrs[_RUN_ATTR]["search_end"] == pytest.approx(now + 60, abs=2)
+    study.set_attr(_RUN_ATTR, {**run, "search_end": now + 100})
+    objective.after_default(reserved=10.0)
+    assert study.attrs[_RUN_ATTR]["search_end"] == now + 100, "never shortened"
+
+
+def test_with_a_budget_the_default_trial_is_planned_like_the_single_run(image_folder, tmp_path):
+    run_dir = tmp_path / "runs" / "b"
+    config = TINY.model_copy(update={"budget": "40s", "epochs": 3})
+    search_classifier(image_folder, config, SearchConfig(space=SPACE), run_dir=run_dir,
+                      explicit=EXPLICIT)  # fmt: skip
+    rows = _rows(run_dir)
+    default = json.loads(next(r for r in rows if r["number"] == "0")["info"])
+    assert default["reserved_seconds"] >= 8.0, "it left the refit time to finish it"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["seconds"] <= 40 * 1.1
+    if metrics["search"]["refit_trial"] == 0 and default.get("settled"):
+        ft = next(p for p in metrics["phases"] if p["name"] == "fine-tune")
+        assert ft["epochs"] == 0 and "settled" in ft["not_continued"]
+
+
 def _study_with_run(tmp_path, image_folder, search_end):
     run_dir = tmp_path / "run"
     prepare_data(image_folder, TINY, run_dir=run_dir)

@@ -139,3 +139,53 @@ def test_refit_continues_from_the_trial_weights(image_folder, tmp_path):
     assert summary["val_accuracy"] == max(h["val_accuracy"] for h in result.history)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["chosen"] == "finetune"
+
+
+def test_a_settled_trial_is_finished_by_the_refit_not_trained_again(image_folder, tmp_path):
+    cfg = _cfg(strategy="finetune", epochs=2)
+    prepared, outcome = _trial_weights(image_folder, tmp_path, cfg)
+    # it ran its configured epochs: nothing more to give
+    assert outcome.stopped == "epochs" and outcome.settled
+    assert outcome.epoch_seconds and outcome.epoch_seconds > 0
+    assert outcome.info()["settled"] is True and outcome.reserved_seconds == 0.0
+    warm = WarmStart(path=outcome.weights, val_accuracy=0.5, epochs=2, trial=3, settled=True)
+    result = train_classifier(
+        None, cfg, run_dir=tmp_path / "run", prepared=prepared, warm_start=warm
+    )
+    summary = next(p for p in result.phases if p["name"] == "fine-tune")
+    assert summary["epochs"] == 0 and "settled" in summary["not_continued"]
+    assert summary["warm_start"]["kept_as_is"] is True
+    assert result.history == []
+
+
+def test_the_refit_keeps_a_trial_when_not_one_of_its_epochs_fits(image_folder, tmp_path):
+    cfg = _cfg(strategy="finetune", epochs=2)
+    prepared, outcome = _trial_weights(image_folder, tmp_path, cfg)
+    warm = WarmStart(path=outcome.weights, val_accuracy=0.5, epochs=2, trial=3,
+                     epoch_seconds=3600.0)  # fmt: skip
+    result = train_classifier(
+        None, cfg.model_copy(update={"budget": "120s"}), run_dir=tmp_path / "run",
+        prepared=prepared, warm_start=warm,
+    )  # fmt: skip
+    summary = next(p for p in result.phases if p["name"] == "fine-tune")
+    assert summary["epochs"] == 0 and "less than one of trial 3's" in summary["not_continued"]
+
+
+def test_a_trial_planned_like_a_run_leaves_the_finishing_time(image_folder, tmp_path):
+    """The search's default trial is the single run's fine-tune: it plans its epochs to end
+    where the single run's would, before the final evaluation, and says what it held back."""
+    cfg = _cfg(strategy="finetune", epochs=30)
+    prepared = prepare_data(image_folder, cfg, run_dir=tmp_path / "run")
+
+    def trial(number: int, plan_as_run: bool):
+        return run_trial(
+            prepared, cfg, trial_dir=tmp_path / "run" / "trials" / f"{number:04d}",
+            deadline=Deadline(7.0), plan_as_run=plan_as_run,
+        )  # fmt: skip
+
+    # 7 s: a trial trains in them; a run's fine-tune keeps 8 s back for its evaluation
+    assert trial(0, False).epochs > 0
+    planned = trial(1, True)
+    assert planned.epochs == 0 and planned.value is None
+    assert planned.reserved_seconds >= 8.0  # the run's reserve, plus the evaluation's estimate
+    assert planned.info()["reserved_seconds"] == round(planned.reserved_seconds, 3)

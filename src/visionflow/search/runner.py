@@ -7,8 +7,12 @@ Timeline of a run with budget ``B`` (``SearchConfig.refit_fraction`` = ``r``)::
 * **Trials** share the checked dataset, its split and a frozen-feature cache in the run folder,
   so a ``probe`` trial (frozen features + logistic regression) of a backbone and image size
   already seen takes seconds. The first trial queued is the default recipe (what
-  ``--no-search`` runs, allowed half of the search phase), then a probe per backbone at two
-  image sizes; the TPE sampler takes over after them. Fine-tune
+  ``--no-search`` runs), then a probe per backbone at two image sizes; the TPE sampler takes
+  over after them. The default trial is planned like the single run: it may use the whole
+  budget, less what the refit needs to finish it, and stops where the single run would (early
+  stopping, its epochs); the other trials get the time it leaves, split between trials and
+  refit by ``refit_fraction`` (:meth:`_Objective.after_default`). So at a budget that only
+  pays for the default recipe, the search is the single run; with more, it searches. Fine-tune
   trials report their validation accuracy every epoch and the pruner (Hyperband by default)
   stops the hopeless ones. One trial may take at most ``trial_fraction`` of the search phase.
   A trial is scored on validation only; the test split is never looked at before the refit.
@@ -83,9 +87,6 @@ _MIN_USEFUL_EPOCHS = 5
 #: Fine-tune epochs after which more epochs rarely change the choice: the single runs of the
 #: search benchmark stopped early at 12-14 epochs (BENCHMARKS.md).
 _SETTLED_EPOCHS = 15
-#: Share of the search phase the default recipe's trial may take (other trials: the search
-#: config's ``trial_fraction``); the refit usually continues it, so its epochs are not lost.
-_DEFAULT_TRIAL_SHARE = 0.5
 #: Environment variable read when no storage is given (keeps passwords off command lines).
 STORAGE_ENV = "VISIONFLOW_STORAGE"
 
@@ -387,16 +388,17 @@ class _Objective:
         run = self.study.attrs.get(_RUN_ATTR, {})
         end = run.get("search_end")
         cap = run.get("trial_seconds")
-        default = run.get("default_params") or None
-        if default and all(handle.params.get(k) == v for k, v in default.items()):
-            # the refit continues this one unless something clearly beats it: its epochs are
-            # not wasted, so it may run longer than other trials
-            cap = run.get("default_trial_seconds", cap)
+        default: dict[str, Any] = run.get("default_params") or {}
+        is_default = bool(default) and all(handle.params.get(k) == v for k, v in default.items())
+        if is_default and run.get("budget_end") is not None:
+            # the single run's fine-tune: the refit finishes it (or continues it), so it may run
+            # to the end of the budget, keeping back what the refit needs to finish
+            end, cap = run["budget_end"], None
         left = math.inf if end is None else end - time.time()
         seconds = min(cap if cap is not None else math.inf, left)
         config = _trial_config(self.base, handle.params, self.run_dir)
         rows = self.study.leaderboard()
-        why = _not_started_reason(rows, handle.params, left, cap)
+        why = None if is_default else _not_started_reason(rows, handle.params, left, cap)
         if why is not None:
             self.out_of_time = True
             handle.set_info("note", why)
@@ -424,14 +426,32 @@ class _Objective:
             deadline=Deadline(None if math.isinf(seconds) else max(1.0, seconds)),
             on_epoch=on_epoch,
             keep_weights=keep_weights,
+            plan_as_run=is_default and run.get("budget_end") is not None,
         )
         for key, value in outcome.info().items():
             handle.set_info(key, value)
+        if is_default:
+            self.after_default(outcome.reserved_seconds)
         if outcome.pruned:
             raise TrialPruned()
         if outcome.value is None:
             raise _TrialFailed(outcome.note or "the trial produced no validation score")
         return float(outcome.value)
+
+    def after_default(self, reserved: float) -> None:
+        """Give the other trials their time once the default trial is done: the search phase
+        ends when ``1 - refit_fraction`` of what is left (less what the refit needs to finish,
+        ``reserved``) has passed, or where it was planned to end if that is later."""
+        run = dict(self.study.attrs.get(_RUN_ATTR, {}))
+        budget_end, end = run.get("budget_end"), run.get("search_end")
+        if budget_end is None:
+            return
+        share = 1.0 - float(run.get("refit_fraction", 0.4))
+        now = time.time()
+        others = now + share * max(0.0, budget_end - now - reserved)
+        if end is None or others > end:
+            run["search_end"] = others
+            self.study.set_attr(_RUN_ATTR, run)
 
 
 def _work(study: Study, objective: _Objective, *, stop: threading.Event | None = None) -> int:
@@ -680,6 +700,11 @@ def _refit_choice(
     by more than one validation image (linear probes compared, the same fidelity for both)
     and (b) the refit can fine-tune it for at least :data:`_MIN_USEFUL_EPOCHS` epochs and
     half the epochs the incumbent would have in all (counted up to :data:`_SETTLED_EPOCHS`).
+
+    When the incumbent's fine-tune is finished (it settled, or not one more epoch of it fits
+    in the refit) and the leader is a probe, both are final: the probe wins when it leads on
+    validation by more than one image (the refit then keeps it as a probe when fewer than
+    :data:`_MIN_USEFUL_EPOCHS` fine-tune epochs of it fit).
     """
     complete = [r for r in rows if r["state"] == "complete" and r["value"] is not None]
     if not complete:
@@ -689,21 +714,33 @@ def _refit_choice(
     if incumbent is None or incumbent is top:
         return top, "best validation accuracy"
     n_top, n_inc = top["number"], incumbent["number"]
+    margin = 1.0 / max(1, n_val)
+    own = _refit_epoch_seconds(rows, incumbent["params"])
+    final = incumbent["info"].get("settled") or (own is not None and refit_seconds < own)
+    if final and top["params"].get("strategy") == "probe":
+        # the incumbent's score will not move (its fine-tune settled, or no epoch of it fits):
+        # the two are compared as they are
+        lead = float(top["value"]) - float(incumbent["value"])
+        if lead > margin + 1e-9:
+            return top, (
+                f"trial {n_top}'s probe leads trial {n_inc}'s finished fine-tune by "
+                f"{100 * lead:.1f} points on validation, more than one of {n_val} images"
+            )
+        return incumbent, (
+            f"trial {n_top}'s probe is not ahead of trial {n_inc}'s finished fine-tune by more "
+            f"than one of {n_val} validation images; the refit finishes trial {n_inc}"
+        )
     ahead, behind = _feature_score(top), _feature_score(incumbent)
     what = "linear probe"
     if ahead is None or behind is None:
         ahead, behind, what = float(top["value"]), float(incumbent["value"]), "validation"
-    margin = 1.0 / max(1, n_val)
     if ahead - behind <= margin + 1e-9:
         return incumbent, (
             f"trial {n_top} leads on validation, but its {what} accuracy ({100 * ahead:.1f}%) "
             f"is not ahead of trial {n_inc}'s ({100 * behind:.1f}%) by more than one of "
             f"{n_val} validation images; the refit continues trial {n_inc}'s fine-tune"
         )
-    epoch, own = (
-        _refit_epoch_seconds(rows, top["params"]),
-        _refit_epoch_seconds(rows, incumbent["params"]),
-    )
+    epoch = _refit_epoch_seconds(rows, top["params"])
     if epoch is not None and own is not None:
         top_epochs = refit_seconds / epoch
         inc_epochs = int(incumbent["info"].get("epochs") or 0) + refit_seconds / own
@@ -734,6 +771,8 @@ def _warm_start(best: dict[str, Any] | None, run_dir: Path) -> WarmStart | None:
         val_loss=info.get("finetune_loss"),
         epochs=int(info.get("epochs") or 0),
         trial=int(best["number"]),
+        settled=bool(info.get("settled")),
+        epoch_seconds=info.get("epoch_seconds"),
     )
 
 
@@ -881,9 +920,7 @@ def search_classifier(
     if not resumed:
         for params in _queued_trials(space, config):
             study.enqueue(params)
-    default_trial_seconds = (
-        None if trial_seconds is None else max(trial_seconds, _DEFAULT_TRIAL_SHARE * search_total)
-    )
+    budget_end = None if budget is None else time.time() + deadline.remaining()
     _fail_dead_local_trials(study)
     study.set_attr(
         _RUN_ATTR,
@@ -894,7 +931,8 @@ def search_classifier(
             "search_end": search_end,
             "trial_seconds": trial_seconds,
             "default_params": _default_params(space, config),
-            "default_trial_seconds": default_trial_seconds,
+            "budget_end": budget_end,
+            "refit_fraction": search.refit_fraction,
             "max_trials": max_trials,
             "dropped_backbones": dropped,
         },
@@ -917,7 +955,7 @@ def search_classifier(
                     _work(study, _Objective(study, run_dir, config))
                 else:
                     _run_local_workers(
-                        study, storage, run_dir, search.workers, config.seed, search_end
+                        study, storage, run_dir, search.workers, config.seed, budget_end
                     )
         except KeyboardInterrupt:
             _fail_dead_local_trials(study)
@@ -940,6 +978,12 @@ def search_classifier(
     refit_config = _trial_config(config, params, run_dir)
     best_strategy = params.get("strategy")
     refit_config.strategy = "finetune" if best_strategy == "finetune" else "auto"
+    if best_strategy == "probe" and "strategy" not in explicit:
+        epoch = _refit_epoch_seconds(rows, params)
+        if epoch is not None and remaining < _MIN_USEFUL_EPOCHS * epoch:
+            # a fine-tune of a few epochs says little and is chosen over the probe only by
+            # validation noise: the probe is the refit
+            refit_config.strategy = "probe"
     if chosen is not None and chosen["info"].get("probe_c") and "probe_c" not in explicit:
         # the same probe on the same features: its C is known, the cross-validation is not
         # paid twice (20 s of a 2-minute refit under load)

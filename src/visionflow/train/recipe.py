@@ -183,6 +183,17 @@ class TrialOutcome:
     #: Images per second of the trial's frozen feature pass (``None`` when the features came
     #: from the cache): what the search compares backbones' costs by.
     feature_ips: float | None = None
+    #: Why the fine-tune ended (the engine's ``stopped``: ``early_stopping``, ``epochs``,
+    #: ``budget``...; ``None`` without a fine-tune).
+    stopped: str | None = None
+    #: The fine-tune had nothing more to give: early stopping ended it, or it ran the
+    #: configured number of epochs. A refit does not continue a settled fine-tune.
+    settled: bool = False
+    #: Seconds of one fine-tune epoch (its validation included).
+    epoch_seconds: float | None = None
+    #: Seconds a trial planned like a run held back for the refit's finishing work (its
+    #: final evaluation and report); 0 for other trials.
+    reserved_seconds: float = 0.0
 
     def info(self) -> dict[str, Any]:
         return {
@@ -199,6 +210,14 @@ class TrialOutcome:
             **({"weights": str(self.weights)} if self.weights is not None else {}),
             **({"feature_ips": round(self.feature_ips, 3)} if self.feature_ips else {}),
             **({"note": self.note} if self.note else {}),
+            **({"stopped": self.stopped} if self.stopped else {}),
+            **({"settled": True} if self.settled else {}),
+            **({"epoch_seconds": round(self.epoch_seconds, 3)} if self.epoch_seconds else {}),
+            **(
+                {"reserved_seconds": round(self.reserved_seconds, 3)}
+                if self.reserved_seconds
+                else {}
+            ),
         }
 
 
@@ -216,6 +235,11 @@ class WarmStart:
     val_loss: float | None = None
     epochs: int = 0
     trial: int | None = None
+    #: The trial's fine-tune had settled (:attr:`TrialOutcome.settled`): not continued.
+    settled: bool = False
+    #: Seconds of one of the trial's fine-tune epochs: with less time than that left, the
+    #: refit keeps the weights without timing training steps first.
+    epoch_seconds: float | None = None
 
 
 class _ElapsedSaver(Callback):
@@ -279,6 +303,9 @@ class _Pipeline:
         self.feature_cache_hits = 0
         #: A search trial: no checkpoints, no final evaluation to reserve time for.
         self.trial = False
+        #: Plans the fine-tune leaving time for the final evaluation (a run, and the search
+        #: trial of the default recipe, which the refit finishes).
+        self.plan_finish = True
         self.reserve = _RESERVE_SECONDS
         #: A refit: the fine-tune starts from the best search trial's weights.
         self.warm_start: WarmStart | None = None
@@ -672,8 +699,21 @@ class _Pipeline:
         more = int(max(0.0, available) // (first_epoch_seconds * 1.03))
         return min(self.config.epochs, 1 + more)
 
+    def _why_not_continue(self, warm: WarmStart) -> str | None:
+        """Why the refit should keep a search trial's fine-tuned weights without training them
+        further (``None``: plan epochs as usual)."""
+        if warm.settled:
+            return f"trial {warm.trial}'s fine-tune had settled (early stopping or its epochs)"
+        available = self.deadline.remaining() - self.reserve - self._final_eval_seconds()
+        if warm.epoch_seconds and available < warm.epoch_seconds:
+            return (
+                f"{max(0.0, available):.0f} s left for training, less than one of trial "
+                f"{warm.trial}'s {warm.epoch_seconds:.0f} s epochs"
+            )
+        return None
+
     def _final_eval_seconds(self) -> float:
-        if self.trial:
+        if not self.plan_finish:
             return 0.0
         n = len(self.split.test) + len(self.split.train) + len(self.split.val)
         return n * self._seconds_per_image()
@@ -699,10 +739,11 @@ class _Pipeline:
         warm = self.warm_start
         if warm is not None:
             load_weights(warm.path, model)
+        why_not = self._why_not_continue(warm) if warm is not None else None
         if resume and "finetune_epochs" in state:
             epochs = int(state["finetune_epochs"])
         else:
-            epochs = self.plan_epochs(model, train_loader)
+            epochs = 0 if why_not else self.plan_epochs(model, train_loader)
             self.run.update_state(finetune_epochs=epochs)
         if self.config.augment == "auto":
             # strong policies pay off over many epochs; a short fine-tune converges faster
@@ -711,7 +752,8 @@ class _Pipeline:
             train_loader = self.loader("train", augment=True)
         if epochs < 1:
             if warm is not None:
-                _log(self.console, "no time to continue the search trial's fine-tune; kept it")
+                why_not = why_not or "no time to continue the search trial's fine-tune"
+                _log(self.console, f"{why_not}; kept it")
                 summary: dict[str, Any] = {
                     "name": "fine-tune",
                     "seconds": 0.0,
@@ -720,6 +762,7 @@ class _Pipeline:
                     "val_accuracy": warm.val_accuracy,
                     "val_loss": warm.val_loss,
                     "warm_start": _warm_json_of(warm, kept=True),
+                    "not_continued": why_not,
                 }
                 self.phases.append(summary)
                 return model, summary
@@ -1042,6 +1085,7 @@ def run_trial(
     deadline: Deadline,
     on_epoch: Callable[[int, float], bool] | None = None,
     keep_weights: Callable[[float], bool] | None = None,
+    plan_as_run: bool = False,
 ) -> TrialOutcome:
     """One search trial: the recipe's probe and/or fine-tune on the shared split, scored on
     validation only (no checkpoints, no test evaluation, no report).
@@ -1053,13 +1097,17 @@ def run_trial(
     in ``trial_dir`` (the search keeps those of its best fine-tune for the refit to continue).
     ``config.strategy`` ``auto`` runs like ``lpft``. The value is the better of the probe's
     and the fine-tune's validation accuracy (what the refit, which keeps the better of the
-    two, would get).
+    two, would get). ``plan_as_run``: the fine-tune plans its epochs like a run's, leaving
+    ``deadline`` time for the final evaluation (the search's default-recipe trial, which the
+    refit finishes instead of training again).
     """
     t0 = time.monotonic()
     run = _Run(Path(trial_dir))
     seed_everything(config.seed)
     pipe = _Pipeline(config, run, deadline, None, False)
-    pipe.trial, pipe.reserve = True, 0.0
+    pipe.trial, pipe.plan_finish = True, plan_as_run
+    if not plan_as_run:
+        pipe.reserve = 0.0
     pipe.load_data(run.dir, False, prepared)
     pipe.build_model()
     strategy = "lpft" if config.strategy == "auto" else config.strategy
@@ -1080,6 +1128,8 @@ def run_trial(
     # a fine-tune trial whose fine-tune never ran would be a probe scored under fine-tune
     # parameters that had no effect: the sampler must not learn from it
     value = max(scores) if scores and (strategy == "probe" or ft_val is not None) else None
+    stopped = None if summary is None else summary.get("stopped")
+    ran = int((summary or {}).get("epochs") or 0)
     from_ft = ft_val is not None and value == ft_val and (probe_val is None or ft_val > probe_val)
     val_loss = (summary or {}).get("val_loss") if from_ft else getattr(probe, "val_loss", None)
     weights = None
@@ -1110,6 +1160,10 @@ def run_trial(
         probe_c=None if probe is None else float(probe.C),
         weights=weights,
         feature_ips=getattr(pipe, "images_per_second", None),
+        stopped=stopped,
+        settled=stopped == "early_stopping" or (stopped == "epochs" and ran >= config.epochs),
+        epoch_seconds=float(summary["seconds"]) / ran if summary and ran else None,
+        reserved_seconds=pipe.reserve + pipe._final_eval_seconds() if plan_as_run else 0.0,
     )
 
 
