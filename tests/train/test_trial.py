@@ -142,18 +142,22 @@ def test_refit_continues_from_the_trial_weights(image_folder, tmp_path):
 
 
 def test_a_settled_trial_is_finished_by_the_refit_not_trained_again(image_folder, tmp_path):
-    cfg = _cfg(strategy="finetune", epochs=2)
+    cfg = _cfg(strategy="lpft", epochs=2, feature_cache=str(tmp_path / "cache"))
     prepared, outcome = _trial_weights(image_folder, tmp_path, cfg)
     # it ran its configured epochs: nothing more to give
     assert outcome.stopped == "epochs" and outcome.settled
     assert outcome.epoch_seconds and outcome.epoch_seconds > 0
     assert outcome.info()["settled"] is True and outcome.reserved_seconds == 0.0
-    warm = WarmStart(path=outcome.weights, val_accuracy=0.5, epochs=2, trial=3, settled=True)
+    warm = WarmStart(path=outcome.weights, val_accuracy=0.5, epochs=2, trial=3, settled=True,
+                     feature_ips=123.0)  # fmt: skip
     result = train_classifier(
         None, cfg, run_dir=tmp_path / "run", prepared=prepared, warm_start=warm
     )
     summary = next(p for p in result.phases if p["name"] == "fine-tune")
     assert summary["epochs"] == 0 and "settled" in summary["not_continued"]
+    # the probe read the trial's features from the cache: their speed is the trial's
+    probe = next(p for p in result.phases if p["name"] == "linear probe")
+    assert probe["feature_cache_hits"] == 2 and probe["feature_images_per_second"] == 123.0
     assert summary["warm_start"]["kept_as_is"] is True
     assert result.history == []
 

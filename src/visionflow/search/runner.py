@@ -773,6 +773,7 @@ def _warm_start(best: dict[str, Any] | None, run_dir: Path) -> WarmStart | None:
         trial=int(best["number"]),
         settled=bool(info.get("settled")),
         epoch_seconds=info.get("epoch_seconds"),
+        feature_ips=info.get("feature_ips"),
     )
 
 

@@ -240,6 +240,9 @@ class WarmStart:
     #: Seconds of one of the trial's fine-tune epochs: with less time than that left, the
     #: refit keeps the weights without timing training steps first.
     epoch_seconds: float | None = None
+    #: Images per second of the trial's frozen feature pass: the refit reads the features
+    #: from the cache, and plans its evaluation and weight ensemble with this speed.
+    feature_ips: float | None = None
 
 
 class _ElapsedSaver(Callback):
@@ -606,7 +609,8 @@ class _Pipeline:
         n = len(xtr) + len(xva)
         # features read from the cache say nothing about the network's speed
         measured = self.feature_cache_hits == 0 and extract_s > 0
-        self.images_per_second = n / extract_s if measured else None
+        known = self.warm_start.feature_ips if self.warm_start is not None else None
+        self.images_per_second = n / extract_s if measured else known
         self.phases.append(
             {
                 "name": "linear probe",
