@@ -140,7 +140,7 @@ def train(
     ] = None,
     pruner: Annotated[
         str | None,
-        typer.Option(help="hyperband (default), asha (successive halving), median or none."),
+        typer.Option(help="asha (successive halving, default), hyperband, median or none."),
     ] = None,
     space: Annotated[
         Path | None, typer.Option(help="YAML/JSON file of search-space overrides.")

@@ -13,7 +13,7 @@ Timeline of a run with budget ``B`` (``SearchConfig.refit_fraction`` = ``r``)::
   display threshold with the best F1), which is exact where a sampled value would be noisy.
 * **Trials** share the checked data and split, train with a share of the search phase
   (``trial_fraction``), report the validation mAP@[.5:.95] every epoch and are pruned by the
-  pruner (Hyperband by default). The first trial is the default recipe (``--no-search``'s).
+  pruner (successive halving by default). The first trial is the default recipe (``--no-search``'s).
   Trials are scored on validation only; the test split is first looked at by the refit.
 * **Refit**: the best trial's configuration is trained from the ImageNet backbone with the rest
   of the budget by :func:`~visionflow.train.detection.train_detector`, which writes the model,

@@ -13,7 +13,7 @@ Timeline of a run with budget ``B`` (``SearchConfig.refit_fraction`` = ``r``)::
   stopping, its epochs); the other trials get the time it leaves, split between trials and
   refit by ``refit_fraction`` (:meth:`_Objective.after_default`). So at a budget that only
   pays for the default recipe, the search is the single run; with more, it searches. Fine-tune
-  trials report their validation accuracy every epoch and the pruner (Hyperband by default)
+  trials report their validation accuracy every epoch and the pruner (successive halving by default)
   stops the hopeless ones. One trial may take at most ``trial_fraction`` of the search phase.
   A trial is scored on validation only; the test split is never looked at before the refit.
   The search phase ends early, its time going to the refit, at 100% validation accuracy or

@@ -286,7 +286,7 @@ class Study:
         run_dir: Path | None = None,
         space: SearchSpace,
         seed: int = 0,
-        pruner: str = "hyperband",
+        pruner: str = "asha",
         direction: str = "maximize",
         heartbeat_interval: int = 10,
         grace_period: int = 30,
@@ -386,7 +386,7 @@ class Study:
         *,
         storage: str | Path,
         seed: int = 0,
-        pruner: str = "hyperband",
+        pruner: str = "asha",
         heartbeat_interval: int = 10,
         grace_period: int = 30,
     ) -> Study:
