@@ -207,7 +207,10 @@ def test_fpn_detectors_export_and_match_pytorch_at_any_image_size(name, tmp_path
     sizes = [(64, 48), (41, 30), (20, 49), (90, 30), (12, 60), (8, 8), (200, 130)]
     images = [_pixels(w, h, k) for k, (w, h) in enumerate(sizes)]
     parity = check_detection_parity(model, session, images, score_threshold=0.005)
-    assert parity.detections > 0 and parity.matched == parity.detections
+    # an untrained Faster R-CNN fills the 100-detection cap of some images: the 100th and
+    # 101st can swap by float noise (1e-7 apart), which the check excuses (exempt, one on
+    # each side) rather than calls a disagreement
+    assert parity.detections > 0 and parity.detections - parity.matched <= parity.exempt <= 2
     assert parity.max_box_diff <= 1e-2 and parity.max_score_diff <= 1e-4
 
 
