@@ -165,3 +165,17 @@ def test_feature_cache_is_shared_by_runs_and_invalidated_by_changes(image_folder
     Image.new("RGB", (32, 32), (0, 0, 255)).save(target, format=fmt)
     third = train_classifier(image_folder, cfg, run_dir=tmp_path / "c")
     assert probe_phase(third)["feature_cache_hits"] < 2
+
+
+def test_the_fine_tune_stops_before_the_time_held_back_for_the_evaluation(image_folder, tmp_path):
+    """The plan holds back time for the final evaluation; the engine's deadline does too, so
+    epochs slower than planned cannot eat into it (a search's default trial ran to 101 %)."""
+    seen: list[float | None] = []
+
+    class Watch(Callback):
+        def on_epoch_end(self, engine, record):
+            seen.append(engine.deadline.seconds)
+
+    train_classifier(image_folder, _cfg(budget="60s", epochs=2), run_dir=tmp_path / "r",
+                     callbacks=[Watch()])  # fmt: skip
+    assert seen and all(s is not None and s <= 60 - 8 for s in seen)

@@ -438,7 +438,17 @@ class _Pipeline:
         )
 
     def _engine(self, model: TaskModel, fit: FitConfig, **kwargs: Any) -> Engine:
-        return Engine(model, self.task, fit, device=self.device, deadline=self.deadline, **kwargs)
+        kwargs.setdefault("deadline", self.deadline)
+        return Engine(model, self.task, fit, device=self.device, **kwargs)
+
+    def _training_deadline(self) -> Deadline:
+        """The fine-tune's deadline: the run's, less what the plan holds back for the final
+        evaluation, so epochs slower than planned stop before eating into it (the engine
+        only stops an epoch that would pass its own deadline)."""
+        if self.deadline.seconds is None:
+            return self.deadline
+        held = self.reserve + self._final_eval_seconds()
+        return Deadline(self.deadline.seconds - held, spent=self.deadline.elapsed())
 
     # ------------------------------------------------------ weight ensemble
     def interpolate(
@@ -779,6 +789,7 @@ class _Pipeline:
             callbacks=[*callbacks, _ElapsedSaver(self.run, self.deadline)],
             checkpoint_dir=None if self.trial else self.run.path("checkpoint"),
             replan=self._replan if self.deadline.seconds is not None else None,
+            deadline=self._training_deadline(),
         )
         result = engine.fit(
             train_loader,
