@@ -25,6 +25,7 @@ from visionflow.search.runner import (
     _queued_trials,
     _refit_choice,
     _refit_epoch_seconds,
+    _trial_config,
     _warm_start,
     _work,
     build_space,
@@ -354,6 +355,18 @@ def test_a_probe_beats_a_finished_fine_tune_only_by_more_than_one_image(tmp_path
     assert _refit_choice([ahead, running], tmp_path, n_val=60, refit_seconds=10.0)[0] is ahead
     assert "finished" not in _refit_choice([ahead, running], tmp_path, n_val=60,
                                            refit_seconds=600.0)[1]  # fmt: skip
+
+
+def test_the_default_trial_decides_its_augmentation_as_the_single_run_does(tmp_path):
+    """The single run's augment="auto" is light below 20 planned epochs and medium from 20; the
+    default trial must do the same, not take the policy the space recorded for it (at 10
+    minutes the single run planned 30 epochs with medium, the trial ran light)."""
+    base = TINY.model_copy(update={"augment": "auto"})
+    params = {"augment": "light"}
+    assert _trial_config(base, params, tmp_path, default=True).augment == "auto"
+    assert _trial_config(base, params, tmp_path).augment == "light"
+    pinned = TINY.model_copy(update={"augment": "heavy"})
+    assert _trial_config(pinned, params, tmp_path, default=True).augment == "light"
 
 
 def test_the_other_trials_get_the_time_the_default_trial_leaves(tmp_path, image_folder):

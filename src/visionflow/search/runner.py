@@ -284,8 +284,15 @@ def _fail_dead_local_trials(study: Study, only_pids: set[int] | None = None) -> 
     return failed
 
 
-def _trial_config(base: TrainConfig, params: dict[str, Any], run_dir: Path) -> TrainConfig:
+def _trial_config(
+    base: TrainConfig, params: dict[str, Any], run_dir: Path, *, default: bool = False
+) -> TrainConfig:
+    """The settings of a trial with ``params``; ``default``: the default recipe's trial, which
+    keeps the run's ``augment="auto"`` (light below 20 planned epochs, medium from 20, as the
+    single run decides) instead of the policy the space recorded for it."""
     update = SearchSpace.to_train_overrides(params)
+    if default and base.augment == "auto":
+        update.pop("augment", None)
     data = base.model_dump()
     data.update(update)
     if not base.feature_cache:
@@ -396,7 +403,7 @@ class _Objective:
             end, cap = run["budget_end"], None
         left = math.inf if end is None else end - time.time()
         seconds = min(cap if cap is not None else math.inf, left)
-        config = _trial_config(self.base, handle.params, self.run_dir)
+        config = _trial_config(self.base, handle.params, self.run_dir, default=is_default)
         rows = self.study.leaderboard()
         why = None if is_default else _not_started_reason(rows, handle.params, left, cap)
         if why is not None:
@@ -976,7 +983,9 @@ def search_classifier(
         rows, run_dir, n_val=len(prepared.split.val), refit_seconds=max(0.0, remaining)
     )
     params = dict(chosen["params"]) if chosen is not None else {}
-    refit_config = _trial_config(config, params, run_dir)
+    default_params = _default_params(space, config)
+    is_default = bool(default_params) and all(params.get(k) == v for k, v in default_params.items())
+    refit_config = _trial_config(config, params, run_dir, default=is_default)
     best_strategy = params.get("strategy")
     refit_config.strategy = "finetune" if best_strategy == "finetune" else "auto"
     if best_strategy == "probe" and "strategy" not in explicit:
