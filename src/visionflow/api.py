@@ -226,15 +226,8 @@ class DetectorModel:
             self.model, self.classes, inputs, score_threshold=threshold, max_pixels=max_pixels
         )
 
-    def detect(
-        self,
-        inputs: ImageInput | Sequence[ImageInput],
-        *,
-        score_threshold: float | None = None,
-        max_pixels: int = 64_000_000,
-    ) -> list[Detections]:
-        """The same as :meth:`predict`, under the name bundles use (the server calls it)."""
-        return self.predict(inputs, score_threshold=score_threshold, max_pixels=max_pixels)
+    #: :meth:`predict` under the name bundles use (the server calls it).
+    detect = predict
 
     def evaluate(self, data: str | Path) -> dict[str, Any]:
         """COCO metrics on a labelled detection dataset (COCO, VOC or YOLO)."""

@@ -141,16 +141,9 @@ class DetectionBundleModel:
             )
         return out
 
-    def predict(
-        self,
-        inputs: ImageInput | Sequence[ImageInput],
-        *,
-        score_threshold: float | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-    ) -> list[Detections]:
-        """The same as :meth:`detect`, under the name PyTorch models of runs use
-        (:class:`visionflow.api.DetectorModel`), so either answers ``predict``."""
-        return self.detect(inputs, score_threshold=score_threshold, max_pixels=max_pixels)
+    #: :meth:`detect` under the name PyTorch models of runs use
+    #: (:class:`visionflow.api.DetectorModel`), so either answers ``predict``.
+    predict = detect
 
     def evaluate(self, data: str | Path) -> dict[str, Any]:
         """COCO metrics on a labelled detection dataset; see :func:`evaluate_dataset`."""
