@@ -252,6 +252,12 @@ def _default_params(space: SearchSpace, config: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k in searched and _inside(searched[k], v)}
 
 
+def _is_default(params: dict[str, Any], default: dict[str, Any]) -> bool:
+    """Whether a trial with ``params`` is the default recipe's (``default``: its searched
+    parameters, :func:`_default_params`; empty when no fine-tune is searched)."""
+    return bool(default) and all(params.get(k) == v for k, v in default.items())
+
+
 # ---------------------------------------------------------------------------- run state
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
@@ -395,8 +401,7 @@ class _Objective:
         run = self.study.attrs.get(_RUN_ATTR, {})
         end = run.get("search_end")
         cap = run.get("trial_seconds")
-        default: dict[str, Any] = run.get("default_params") or {}
-        is_default = bool(default) and all(handle.params.get(k) == v for k, v in default.items())
+        is_default = _is_default(handle.params, run.get("default_params") or {})
         if is_default and run.get("budget_end") is not None:
             # the single run's fine-tune: the refit finishes it (or continues it), so it may run
             # to the end of the budget, keeping back what the refit needs to finish
@@ -453,7 +458,7 @@ class _Objective:
         budget_end, end = run.get("budget_end"), run.get("search_end")
         if budget_end is None:
             return
-        share = 1.0 - float(run.get("refit_fraction", 0.4))
+        share = 1.0 - float(run.get("refit_fraction", SearchConfig().refit_fraction))
         now = time.time()
         others = now + share * max(0.0, budget_end - now - reserved)
         if end is None or others > end:
@@ -983,8 +988,7 @@ def search_classifier(
         rows, run_dir, n_val=len(prepared.split.val), refit_seconds=max(0.0, remaining)
     )
     params = dict(chosen["params"]) if chosen is not None else {}
-    default_params = _default_params(space, config)
-    is_default = bool(default_params) and all(params.get(k) == v for k, v in default_params.items())
+    is_default = _is_default(params, _default_params(space, config))
     refit_config = _trial_config(config, params, run_dir, default=is_default)
     best_strategy = params.get("strategy")
     refit_config.strategy = "finetune" if best_strategy == "finetune" else "auto"

@@ -447,8 +447,16 @@ class _Pipeline:
         only stops an epoch that would pass its own deadline)."""
         if self.deadline.seconds is None:
             return self.deadline
-        held = self.reserve + self._final_eval_seconds()
-        return Deadline(self.deadline.seconds - held, spent=self.deadline.elapsed())
+        return Deadline(self.deadline.seconds - self._held_back(), spent=self.deadline.elapsed())
+
+    def _held_back(self) -> float:
+        """Seconds the fine-tune leaves for what follows it: the reserve and the final
+        evaluation (none for a search trial not planned like a run)."""
+        return self.reserve + self._final_eval_seconds()
+
+    def _training_left(self) -> float:
+        """Seconds left for training: the deadline's remaining time less :meth:`_held_back`."""
+        return self.deadline.remaining() - self._held_back()
 
     # ------------------------------------------------------ weight ensemble
     def interpolate(
@@ -463,7 +471,7 @@ class _Pipeline:
         """
         alphas = (0.75, 0.5)
         val_seconds = len(self.split.val) * self._seconds_per_image()
-        spare = self.deadline.remaining() - self.reserve - self._final_eval_seconds()
+        spare = self._training_left()
         if len(self.split.val) == 0 or spare < len(alphas) * val_seconds * 1.2:
             return model, summary
         t0 = time.monotonic()
@@ -702,14 +710,14 @@ class _Pipeline:
         per_image = 1.0 / self.images_per_second if self.images_per_second else step / 8
         # data loading and augmentation in the main process add roughly a fifth on CPU
         epoch = len(loader) * step * (1.2 if self.workers == 0 else 1.05) + n_val * per_image
-        available = self.deadline.remaining() - self.reserve - self._final_eval_seconds()
+        available = self._training_left()
         epochs = int(available // epoch)
         self.epoch_estimate = epoch
         return max(0, min(cfg.epochs, epochs))
 
     def _replan(self, first_epoch_seconds: float) -> int:
         """Total epochs once one epoch has been timed (the first plan is only an estimate)."""
-        available = self.deadline.remaining() - self.reserve - self._final_eval_seconds()
+        available = self._training_left()
         more = int(max(0.0, available) // (first_epoch_seconds * 1.03))
         return min(self.config.epochs, 1 + more)
 
@@ -718,7 +726,7 @@ class _Pipeline:
         further (``None``: plan epochs as usual)."""
         if warm.settled:
             return f"trial {warm.trial}'s fine-tune had settled (early stopping or its epochs)"
-        available = self.deadline.remaining() - self.reserve - self._final_eval_seconds()
+        available = self._training_left()
         if warm.epoch_seconds and available < warm.epoch_seconds:
             return (
                 f"{max(0.0, available):.0f} s left for training, less than one of trial "
@@ -1178,7 +1186,7 @@ def run_trial(
         stopped=stopped,
         settled=stopped == "early_stopping" or (stopped == "epochs" and ran >= config.epochs),
         epoch_seconds=float(summary["seconds"]) / ran if summary and ran else None,
-        reserved_seconds=pipe.reserve + pipe._final_eval_seconds() if plan_as_run else 0.0,
+        reserved_seconds=pipe._held_back(),
     )
 
 
