@@ -38,6 +38,7 @@ import shutil
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -303,19 +304,19 @@ def table_b(results: list[dict[str, Any]]) -> str:
         for name in names:
             if name == "none":
                 continue
-            hb = r[name]
+            arm = r[name]
             r["ratio"][name] = {
-                k: hb[k] / none[k] if none[k] else None
+                k: arm[k] / none[k] if none[k] else None
                 for k in ("epochs", "train_images", "trial_seconds", "search_seconds")
             }
-            delta_val = 100 * ((hb["best_value"] or 0) - (none["best_value"] or 0))
+            delta_val = 100 * ((arm["best_value"] or 0) - (none["best_value"] or 0))
             lines.append(
-                f"| {r['seed']} | **{name} / none** | | {ratio(hb['epochs'], none['epochs'])} | "
-                f"{ratio(hb['train_images'], none['train_images'])} | "
-                f"{ratio(hb['trial_seconds'], none['trial_seconds'])} | "
-                f"{ratio(hb['search_seconds'], none['search_seconds'])} wall | "
+                f"| {r['seed']} | **{name} / none** | | {ratio(arm['epochs'], none['epochs'])} | "
+                f"{ratio(arm['train_images'], none['train_images'])} | "
+                f"{ratio(arm['trial_seconds'], none['trial_seconds'])} | "
+                f"{ratio(arm['search_seconds'], none['search_seconds'])} wall | "
                 f"{delta_val:+.1f} pt | "
-                f"{100 * (hb['test_accuracy'] - none['test_accuracy']):+.1f} pt |"
+                f"{100 * (arm['test_accuracy'] - none['test_accuracy']):+.1f} pt |"
             )
     return "\n".join(lines)
 
@@ -339,7 +340,7 @@ def main() -> None:
         "--pruners",
         nargs="+",
         default=["hyperband", "none"],
-        choices=["hyperband", "asha", "median", "none"],
+        choices=typing.get_args(SearchConfig.model_fields["pruner"].annotation),
         help="part B's arms (each compared with none when none is one of them)",
     )
     parser.add_argument("--only", choices=["single-vs-search", "pruning"], default=None)
