@@ -119,6 +119,50 @@ def test_int8_and_fp16_graphs_agree_with_fp32(trained_run, tmp_path):
         quantize_int8(fp32, tmp_path / "x.onnx", pixels[:0])
 
 
+def _conv_weights(path) -> list[tuple[onnx.NodeProto, np.ndarray | None]]:
+    """Each Conv of a QDQ graph with its int8 weight (None where the weight is float)."""
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    dequant = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
+    out = []
+    for node in graph.node:
+        if node.op_type == "Conv":
+            dq = dequant.get(node.input[1])
+            out.append((node, None if dq is None else inits[dq.input[0]].astype(np.int32)))
+    return out
+
+
+def test_int8_weights_cannot_saturate_u8s8_pairs(trained_run, tmp_path):
+    """Without VNNI, u8 x s8 pairs are summed in 16 bits: every 1x1 weight row keeps its
+    adjacent pairs within 128 (255 x 128 < 32,768) while using more than 7 bits, depthwise
+    weights use all 8 bits, and the first convolution stays in float."""
+    clf = ClassifierModel.from_run(trained_run, device="cpu")
+    fp32 = export_classifier(clf.model, clf.preprocessing, tmp_path / "m.onnx")
+    pixels = _pixels(16, clf.preprocessing.input_size)
+    settings = quantize_int8(fp32, tmp_path / "m8.onnx", pixels)
+    convs = _conv_weights(tmp_path / "m8.onnx")
+    assert convs[0][1] is None and convs[0][0].name in settings["float_nodes"]
+    kinds = {"depthwise": 0, "1x1": 0}
+    for node, q in convs[1:]:
+        assert q is not None, f"{node.name} was left in float"
+        rows = np.abs(q.reshape(q.shape[0], -1))
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if group > 1 and q.shape[1] == 1:
+            kinds["depthwise"] += 1
+            assert rows.max() == 127
+        elif q.shape[2:] == (1, 1):
+            kinds["1x1"] += 1
+            padded = np.pad(rows, ((0, 0), (0, rows.shape[1] % 2)))
+            pairs = padded[:, 0::2] + padded[:, 1::2]
+            assert pairs.max() <= 128, node.name
+            assert pairs.max(axis=1).min() >= 126, node.name  # each row uses its range
+            assert rows.max() > 64, node.name  # finer than 7-bit weights
+    assert kinds["depthwise"] > 0 and kinds["1x1"] > 0
+    full = quantize_int8(fp32, tmp_path / "m8f.onnx", pixels, full_range=True)
+    assert full["weights"] == "int8 per-channel"
+    assert all(q is not None for _, q in _conv_weights(tmp_path / "m8f.onnx"))
+
+
 def test_one_preprocessing_for_training_eval_and_onnx():
     """The evaluation transform (training, PyTorch prediction) and the ONNX input path see the
     same pixels: resize + crop in PIL, normalisation by the same affine map."""
