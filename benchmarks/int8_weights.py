@@ -36,7 +36,7 @@ from visionflow.data.index import DatasetIndex, Split
 from visionflow.export.bench import cpu_info
 from visionflow.export.exporter import _run_graph, _split_images
 from visionflow.export.onnx import export_classifier, make_session
-from visionflow.export.quantize import _Reader, quantize_int8, weight_overrides
+from visionflow.export.quantize import _Reader, quantize_int8, quantize_qdq, weight_overrides
 
 #: (label, reduce_range, which overrides of weight_overrides to keep, first conv in float)
 VARIANTS: list[tuple[str, bool, str, bool]] = [
@@ -56,7 +56,6 @@ def _quantize(
     fp32: Path, out: Path, calib: np.ndarray, reduce_range: bool, keep: str, stem_float: bool
 ) -> None:
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = out.with_suffix(".prepared.onnx")
@@ -74,18 +73,13 @@ def _quantize(
     level = logging.root.level
     logging.root.setLevel(logging.ERROR)
     try:
-        quantize_static(
-            str(prepared),
-            str(out),
+        quantize_qdq(
+            prepared,
+            out,
             _Reader(calib, 16),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
             reduce_range=reduce_range,
-            calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=excluded,
-            extra_options={"TensorQuantOverrides": overrides},
+            overrides=overrides,
         )
     finally:
         logging.root.setLevel(level)

@@ -882,13 +882,9 @@ def quantize_detector_int8(
 
     import onnx
     import onnxruntime as ort
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from visionflow.export.quantize import quantize_qdq
 
     if not images:
         raise ExportError("INT8 calibration needs at least one image")
@@ -904,17 +900,11 @@ def quantize_detector_int8(
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
             graph = onnx.load(str(prepared)).graph
             first = next((i for i, n in enumerate(graph.node) if n.op_type == "Conv"), 0)
-            quantize_static(
-                str(prepared),
-                str(out),
+            quantize_qdq(
+                prepared,
+                out,
                 _ImageReader(images),
-                quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                per_channel=True,
-                reduce_range=True,
-                calibrate_method=CalibrationMethod.MinMax,
-                op_types_to_quantize=["Conv"],
+                op_types=["Conv"],
                 nodes_to_exclude=[n.name for n in graph.node[:first]],
             )
             os.replace(out, target)

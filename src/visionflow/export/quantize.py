@@ -7,11 +7,11 @@ Choices, each measured on the 2-core AVX2 machine of BENCHMARKS.md:
 * Weight ranges are chosen so that CPUs without VNNI cannot saturate. They multiply u8 x s8
   pairs with ``vpmaddubsw``, whose 16-bit sum of two adjacent products saturates above 32,767:
   with full-range 8-bit weights a fine-tuned digits model fell from 96.7 to 41 % (BENCHMARKS.md).
-  ONNX Runtime's answer, 7-bit weights everywhere (``reduce_range``), still lost 12.5 points.
+  ONNX Runtime's answer, 7-bit weights everywhere (``reduce_range``), still lost 11-12.5 points.
   Instead, per layer kind (:func:`weight_overrides`):
 
   - depthwise convolutions take full 8-bit weights: ONNX Runtime's depthwise kernel sums in
-    32 bits (measured: 8-bit depthwise weights gained 4 points, lost nothing);
+    32 bits (measured: 8-bit depthwise weights gained 2-4 points, lost nothing);
   - 1x1 convolutions (a GEMM over input channels ``k``) take per output channel the largest
     range for which every adjacent pair ``|q[2i]| + |q[2i+1]|`` stays at most 128, so that
     ``255 x 128 = 32,640`` cannot saturate: ``scale = max_i(|w[2i]| + |w[2i+1]|) / 127``,
@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,56 @@ def weight_overrides(model: Any) -> tuple[dict[str, list[dict[str, Any]]], list[
     return overrides, float_nodes
 
 
+def quantize_qdq(
+    prepared: str | Path,
+    out: str | Path,
+    reader: Any,
+    *,
+    method: str = "minmax",
+    reduce_range: bool = True,
+    nodes_to_exclude: Sequence[str] = (),
+    overrides: dict[str, list[dict[str, Any]]] | None = None,
+    op_types: Sequence[str] | None = None,
+) -> None:
+    """ONNX Runtime's static quantiser with visionflow's fixed choices: QDQ format, activations
+    ``uint8`` per tensor, weights ``int8`` per output channel.
+
+    Args:
+        prepared: A graph after ``quant_pre_process``.
+        out: Where to write the quantised graph.
+        reader: A calibration data reader (``get_next``/``rewind``).
+        method: Activation ranges, one of :data:`CALIBRATION_METHODS`.
+        reduce_range: 7-bit weights where ``overrides`` does not say otherwise.
+        nodes_to_exclude: Nodes kept in float.
+        overrides: ``TensorQuantOverrides`` (:func:`weight_overrides`).
+        op_types: Only these node types are quantised (default: all the tool supports).
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    calibrate = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }[method]
+    extra: dict[str, Any] = {"TensorQuantOverrides": dict(overrides or {})}
+    if method == "percentile":
+        extra["CalibPercentile"] = 99.999
+    quantize_static(
+        str(prepared),
+        str(out),
+        reader,
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        reduce_range=reduce_range,
+        calibrate_method=calibrate,
+        op_types_to_quantize=list(op_types) if op_types is not None else None,
+        nodes_to_exclude=list(nodes_to_exclude),
+        extra_options=extra,
+    )
+
+
 def quantize_int8(
     source: str | Path,
     target: str | Path,
@@ -144,7 +194,6 @@ def quantize_int8(
         The settings used, for the bundle's manifest.
     """
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if method not in CALIBRATION_METHODS:
@@ -154,14 +203,6 @@ def quantize_int8(
     if len(calibration) == 0:
         raise ExportError("INT8 calibration needs at least one image")
     target = Path(target)
-    calib = {
-        "minmax": CalibrationMethod.MinMax,
-        "percentile": CalibrationMethod.Percentile,
-        "entropy": CalibrationMethod.Entropy,
-    }[method]
-    extra: dict[str, Any] = {}
-    if method == "percentile":
-        extra["CalibPercentile"] = 99.999
     level = logging.root.level  # the tool logs its advice through the root logger
     with tempfile.TemporaryDirectory(prefix="vf-int8-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
@@ -172,24 +213,20 @@ def quantize_int8(
             graph = model.graph
             first = next((i for i, n in enumerate(graph.node) if n.op_type == "Conv"), 0)
             keep_float = [n.name for n in graph.node[:first]]
+            overrides: dict[str, list[dict[str, Any]]] = {}
             if not full_range:
                 overrides, float_convs = weight_overrides(model)
-                extra["TensorQuantOverrides"] = overrides
                 keep_float += float_convs
             out = target.with_name(target.name + ".tmp")
             reader = _Reader(calibration, batch_size)
-            quantize_static(
-                str(prepared),
-                str(out),
+            quantize_qdq(
+                prepared,
+                out,
                 reader,
-                quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                per_channel=True,
+                method=method,
                 reduce_range=not full_range,
-                calibrate_method=calib,
                 nodes_to_exclude=keep_float,
-                extra_options=extra,
+                overrides=overrides,
             )
             os.replace(out, target)
         except ExportError:
