@@ -36,7 +36,13 @@ from visionflow.data.index import DatasetIndex, Split
 from visionflow.export.bench import cpu_info
 from visionflow.export.exporter import _run_graph, _split_images
 from visionflow.export.onnx import export_classifier, make_session
-from visionflow.export.quantize import _Reader, quantize_int8, quantize_qdq, weight_overrides
+from visionflow.export.quantize import (
+    _Reader,
+    float_prefix,
+    quantize_int8,
+    quantize_qdq,
+    weight_overrides,
+)
 
 #: (label, reduce_range, which overrides of weight_overrides to keep, first conv in float)
 VARIANTS: list[tuple[str, bool, str, bool]] = [
@@ -61,8 +67,7 @@ def _quantize(
     prepared = out.with_suffix(".prepared.onnx")
     quant_pre_process(str(fp32), str(prepared))
     model = onnx.load(str(prepared))
-    first = next(i for i, n in enumerate(model.graph.node) if n.op_type == "Conv")
-    excluded = [n.name for n in model.graph.node[:first]]
+    excluded = float_prefix(model.graph)
     overrides, float_convs = weight_overrides(model)
     if keep == "none":
         overrides = {}

@@ -884,7 +884,7 @@ def quantize_detector_int8(
     import onnxruntime as ort
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from visionflow.export.quantize import quantize_qdq
+    from visionflow.export.quantize import float_prefix, quantize_qdq
 
     if not images:
         raise ExportError("INT8 calibration needs at least one image")
@@ -898,14 +898,12 @@ def quantize_detector_int8(
             ort.set_default_logger_severity(3)  # it warns about every initializer it drops
             # symbolic shape inference cannot follow NMS's data-dependent shapes: skipped
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-            graph = onnx.load(str(prepared)).graph
-            first = next((i for i, n in enumerate(graph.node) if n.op_type == "Conv"), 0)
             quantize_qdq(
                 prepared,
                 out,
                 _ImageReader(images),
                 op_types=["Conv"],
-                nodes_to_exclude=[n.name for n in graph.node[:first]],
+                nodes_to_exclude=float_prefix(onnx.load(str(prepared)).graph),
             )
             os.replace(out, target)
         except Exception as exc:

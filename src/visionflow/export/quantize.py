@@ -71,8 +71,11 @@ class _Reader:
         pass
 
 
-#: Largest ``|q[2i]| + |q[2i+1]|`` of a pair-bounded weight row: ``255 x 128 < 2**15``.
-_PAIR_LIMIT = 127
+def float_prefix(graph: Any) -> list[str]:
+    """Names of the nodes in front of the first convolution (layout change, cast,
+    normalisation), which stay in float: quantising the normalisation cost more than it saved."""
+    first = next((i for i, n in enumerate(graph.node) if n.op_type == "Conv"), 0)
+    return [n.name for n in graph.node[:first]]
 
 
 def _pair_maxima(rows: np.ndarray) -> np.ndarray:
@@ -112,6 +115,8 @@ def weight_overrides(model: Any) -> tuple[dict[str, list[dict[str, Any]]], list[
         if group > 1 and group == w.shape[0] and w.shape[1] == 1:
             overrides[node.input[1]] = [{"axis": 0, "reduce_range": False}]
         elif group == 1 and w.shape[2:] == (1, 1):
+            # symmetric int8 over [-bound, bound] has scale bound / 127, so every pair of
+            # quantised weights sums to at most 127 + rounding = 128, and 255 x 128 < 2**15
             bound = np.maximum(_pair_maxima(w.reshape(w.shape[0], -1)), 1e-12)
             overrides[node.input[1]] = [
                 {"axis": 0, "reduce_range": False, "rmin": float(-b), "rmax": float(b)}
@@ -210,9 +215,7 @@ def quantize_int8(
             logging.root.setLevel(logging.ERROR)
             quant_pre_process(str(source), str(prepared))
             model = onnx.load(str(prepared))
-            graph = model.graph
-            first = next((i for i, n in enumerate(graph.node) if n.op_type == "Conv"), 0)
-            keep_float = [n.name for n in graph.node[:first]]
+            keep_float = float_prefix(model.graph)
             overrides: dict[str, list[dict[str, Any]]] = {}
             if not full_range:
                 overrides, float_convs = weight_overrides(model)
