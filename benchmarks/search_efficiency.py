@@ -357,7 +357,9 @@ def main() -> None:
         return
     threads = configure_threads()
     work = args.work or Path(tempfile.mkdtemp(prefix="vf-search-bench-"))
-    data_root = Path(tempfile.gettempdir()) / "vf-bench-search-digits"
+    # in the work folder: two runs side by side (one arm each) must not rewrite each other's
+    # images mid-trial
+    data_root = work / "data"
     results: dict[str, Any] = {
         "machine": {
             "python": platform.python_version(),
