@@ -39,10 +39,23 @@ def export(
         ),
     ] = 1.0,
     calibration_images: Annotated[int, typer.Option(help="Training images for INT8.")] = 256,
+    qat: Annotated[
+        bool,
+        typer.Option(
+            help="Classifiers: fine-tune a copy with INT8 rounding simulated before quantising "
+            "(minutes on a CPU; --no-qat: post-training quantisation only)."
+        ),
+    ] = True,
+    qat_images: Annotated[
+        int, typer.Option(help="Training images for the quantisation-aware fine-tune.")
+    ] = 512,
+    qat_epochs: Annotated[int, typer.Option(help="Its passes over them.")] = 1,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Export a trained run as a verified model bundle (ONNX, optional INT8/FP16)."""
+    if qat_images < 1 or qat_epochs < 1:
+        raise typer.BadParameter("--qat-images and --qat-epochs must be at least 1")
     from visionflow.export.exporter import export_run
 
     result = export_run(
@@ -52,6 +65,9 @@ def export(
         fp16=fp16,
         max_int8_drop=max_int8_drop / 100.0,
         calibration_images=calibration_images,
+        qat=qat,
+        qat_images=qat_images,
+        qat_epochs=qat_epochs,
         overwrite=overwrite,
         progress=None if json_out else lambda line: err.print(line, highlight=False),
     )
