@@ -10,9 +10,13 @@ on the run's validation + test images and speed:
 * ``7-bit``: ``reduce_range`` everywhere (ONNX Runtime's advice for such CPUs);
 * ``depthwise 8-bit``: 7-bit but the depthwise convolutions 8-bit;
 * ``+ 1x1 pair-bounded``: and 1x1 convolutions pair-bounded (:func:`weight_overrides`);
-* ``visionflow``: and the first convolution in float (what ``visionflow export --int8`` does).
+* ``visionflow``: and the first convolution in float (post-training, what ``visionflow export
+  --int8 --no-qat`` does);
+* ``visionflow after a quantisation-aware fine-tune``: the same quantiser on a copy fine-tuned
+  with the INT8 rounding simulated (:mod:`visionflow.export.qat`, what ``--int8`` tries first).
 
-    .venv/bin/python benchmarks/int8_weights.py --run RUN [--threads 2] [--out int8.json]
+    .venv/bin/python benchmarks/int8_weights.py --run RUN [--threads 2] [--qat-images 512] \\
+        [--out int8.json]
 
 Prints a Markdown table (progress on stderr) and writes JSON (``--out``).
 """
@@ -36,6 +40,7 @@ from visionflow.data.index import DatasetIndex, Split
 from visionflow.export.bench import cpu_info
 from visionflow.export.exporter import _run_graph, _split_images
 from visionflow.export.onnx import export_classifier, make_session
+from visionflow.export.qat import quantization_aware_finetune
 from visionflow.export.quantize import (
     _Reader,
     float_prefix,
@@ -117,6 +122,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=100, help="batch-1 calls timed")
     parser.add_argument("--calibration", type=int, default=256, help="training images")
+    parser.add_argument(
+        "--qat-images", type=int, default=512, help="training images (0: no QAT row)"
+    )
+    parser.add_argument("--qat-epochs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -152,6 +161,27 @@ def main() -> None:
             rows.append(
                 {
                     "graph": label,
+                    "accuracy": float((logits.argmax(1) == targets).mean()),
+                    "agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
+                    "batch1_ms": ms,
+                    "batch32_ips": ips,
+                }
+            )
+        if args.qat_images:
+            # what `visionflow export --int8` tries first: the same quantiser on a copy
+            # fine-tuned with the INT8 graph's rounding simulated
+            train_px, train_y, _ = _split_images(index, split.train, pre, args.qat_images, seed=2)
+            _log(f"quantisation-aware fine-tune on {len(train_px)} training images")
+            tuned = quantization_aware_finetune(
+                clf.model, pre, train_px, train_y, calib, epochs=args.qat_epochs, progress=_log
+            )
+            source = export_classifier(tuned.model, pre, work / "qat.onnx")
+            quantize_int8(source, work / "qat.int8.onnx", calib)
+            logits, ms, ips = _measure(work / "qat.int8.onnx", pixels, args.threads, args.repeats)
+            rows.append(
+                {
+                    "graph": f"visionflow after a quantisation-aware fine-tune "
+                    f"({tuned.images} images, {tuned.epochs} epoch, {tuned.seconds:.0f} s)",
                     "accuracy": float((logits.argmax(1) == targets).mean()),
                     "agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
                     "batch1_ms": ms,

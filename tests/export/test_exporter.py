@@ -67,6 +67,11 @@ def test_manifest_records_parity_int8_decision_and_reference(bundle, tmp_path):
     assert parity["max_abs_diff"] <= 1e-4 and parity["top1_agreement"] == 1.0
     int8 = meta["graphs"]["int8"]
     assert int8["accepted"] and int8["drop"] <= 0.01 and int8["settings"]["format"] == "QDQ"
+    # the first way tried passed: the quantisation-aware copy, said in the model card too
+    qat = int8["settings"]["weights_from"]["quantisation_aware_fine_tune"]
+    assert qat["epochs"] == 1 and qat["images"] > 0 and len(int8["tried"]) == 1
+    card = load_bundle(bundle, cache_dir=tmp_path).bundle.file("README.md").read_text()
+    assert "fine-tuned for 1 epoch(s)" in card
     ref = meta["reference"]
     emb = ref["embedding"]
     assert len(emb["mean"]) == emb["dim"] == meta["feature_dim"]

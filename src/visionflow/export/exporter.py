@@ -274,6 +274,14 @@ def model_card(meta: dict[str, Any], files: dict[str, Path]) -> str:
     int8 = meta["graphs"].get("int8")
     if int8 and not int8.get("accepted"):
         lines.append(f"- The INT8 graph is not the default: {int8['note']}.")
+    qat = (int8 or {}).get("settings", {}).get("weights_from")
+    if isinstance(qat, dict):
+        q = qat["quantisation_aware_fine_tune"]
+        lines.append(
+            f"- The INT8 graph quantises a copy of the model fine-tuned for {q['epochs']} "
+            f"epoch(s) on {q['images']} training images with INT8 rounding simulated; the FP32 "
+            "graph and the weights are the model's own."
+        )
     return "\n".join(lines) + "\n"
 
 
