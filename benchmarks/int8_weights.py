@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument(
         "--qat-images", type=int, default=512, help="training images (0: no QAT row)"
     )
-    parser.add_argument("--qat-epochs", type=int, default=1)
+    parser.add_argument("--qat-epochs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -181,7 +181,7 @@ def main() -> None:
             rows.append(
                 {
                     "graph": f"visionflow after a quantisation-aware fine-tune "
-                    f"({tuned.images} images, {tuned.epochs} epoch, {tuned.seconds:.0f} s)",
+                    f"({tuned.images} images, {tuned.epochs} epochs, {tuned.seconds:.0f} s)",
                     "accuracy": float((logits.argmax(1) == targets).mean()),
                     "agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
                     "batch1_ms": ms,

@@ -69,9 +69,16 @@ def test_manifest_records_parity_int8_decision_and_reference(bundle, tmp_path):
     assert int8["accepted"] and int8["drop"] <= 0.01 and int8["settings"]["format"] == "QDQ"
     # the first way tried passed: the quantisation-aware copy, said in the model card too
     qat = int8["settings"]["weights_from"]["quantisation_aware_fine_tune"]
-    assert qat["epochs"] == 1 and qat["images"] > 0 and len(int8["tried"]) == 1
+    assert qat["epochs"] == 2 and qat["images"] > 0 and len(int8["tried"]) == 1
+    # checked on validation and test together, FP32's accuracy on the same images beside it
+    checked = int8["checked_on"]
+    assert (
+        checked["splits"] == ["val", "test"]
+        and checked["images"] > meta["graphs"]["fp32"]["parity"]["images"]
+    )
+    assert int8["drop"] == pytest.approx(checked["fp32_accuracy"] - checked["accuracy"])
     card = load_bundle(bundle, cache_dir=tmp_path).bundle.file("README.md").read_text()
-    assert "fine-tuned for 1 epoch(s)" in card
+    assert "fine-tuned for 2 epoch(s)" in card
     ref = meta["reference"]
     emb = ref["embedding"]
     assert len(emb["mean"]) == emb["dim"] == meta["feature_dim"]

@@ -49,7 +49,7 @@ def export(
     qat_images: Annotated[
         int, typer.Option(help="Training images for the quantisation-aware fine-tune.")
     ] = 512,
-    qat_epochs: Annotated[int, typer.Option(help="Its passes over them.")] = 1,
+    qat_epochs: Annotated[int, typer.Option(help="Its passes over them.")] = 2,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:

@@ -213,7 +213,7 @@ def quantization_aware_finetune(
     calibration: np.ndarray,
     *,
     epochs: int = 2,
-    lr: float = 1e-5,
+    lr: float = 3e-5,
     batch_size: int = 32,
     temperature: float = 2.0,
     full_range: bool = False,
@@ -230,7 +230,9 @@ def quantization_aware_finetune(
         calibration: ``uint8`` NHWC images whose min-max ranges set the activation rounding
             (the same ones the post-training quantiser calibrates on).
         epochs: Passes over ``pixels``.
-        lr: AdamW learning rate (every parameter; small: the model only adapts to rounding).
+        lr: AdamW learning rate (every parameter; small: the model only adapts to rounding;
+            measured on tf_efficientnet_lite0: 3e-5 for two epochs beat 1e-5 for one on
+            three runs, 1e-4 diverged).
         batch_size: Images per step.
         temperature: Softening of the float model's predictions in the distillation term.
         full_range: Round weights to 8 bits everywhere (as ``quantize_int8(full_range=True)``).
