@@ -354,12 +354,12 @@ def export_run(
             ``<run_dir>/model.vfb``.
         int8: Add a calibrated INT8 graph (the default graph if accurate enough).
         fp16: Add an FP16 graph for GPU serving.
-        max_int8_drop: Largest validation accuracy loss (a fraction: 0.01 = 1 point) for the
-            INT8 graph to become the default.
+        max_int8_drop: Largest accuracy loss (a fraction: 0.01 = 1 point) on the run's
+            validation + test images for the INT8 graph to become the default.
         calibration_images: Training images used to calibrate INT8.
         qat: Classifiers: quantise a copy fine-tuned with the INT8 graph's rounding simulated
             (:mod:`visionflow.export.qat`) before trying plain post-training quantisation; the
-            first INT8 graph that passes the validation check is kept.
+            first INT8 graph that passes the check is kept.
         qat_images: Training images for that fine-tune (at most).
         qat_epochs: Its passes over them.
         max_eval_images: Validation images used at most for parity, accuracy and reference.
