@@ -136,6 +136,17 @@ def test_export_errors(trained_run, tmp_path):
     with pytest.raises(BundleError, match=r"holds no int8 graph"):
         export_run(trained_run, tmp_path / "plain")
         load_bundle(tmp_path / "plain", graph="int8")
+    with pytest.raises(ExportError, match="qat_images and qat_epochs must be at least 1"):
+        export_run(trained_run, tmp_path / "q.vfb", int8=True, qat_epochs=0)
+
+
+def test_int8_without_the_quantisation_aware_fine_tune(trained_run, tmp_path):
+    int8 = export_run(trained_run, tmp_path / "b", int8=True, qat=False).meta["graphs"]["int8"]
+    assert int8["accepted"] and int8["settings"]["weights_from"] == "the model"
+    assert [(t["weights"], t["calibration"]) for t in int8["tried"]] == [
+        ("post-training", "minmax")
+    ]
+    assert "fine-tuned" not in (tmp_path / "b" / "README.md").read_text()
 
 
 def test_bundle_prediction_does_not_import_torch(bundle, tmp_path):
