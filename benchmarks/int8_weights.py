@@ -116,6 +116,23 @@ def _measure(
     return logits, 1000 * float(np.median(times)), throughput
 
 
+def _row(
+    label: str,
+    logits: np.ndarray,
+    reference: np.ndarray,
+    targets: np.ndarray,
+    ms: float,
+    ips: float,
+) -> dict[str, Any]:
+    return {
+        "graph": label,
+        "accuracy": float((logits.argmax(1) == targets).mean()),
+        "agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
+        "batch1_ms": ms,
+        "batch32_ips": ips,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a finished classification run")
@@ -141,15 +158,7 @@ def main() -> None:
         work = Path(tmp)
         fp32 = export_classifier(clf.model, pre, work / "fp32.onnx")
         reference, ms, ips = _measure(fp32, pixels, args.threads, args.repeats)
-        rows.append(
-            {
-                "graph": "FP32",
-                "accuracy": float((reference.argmax(1) == targets).mean()),
-                "agreement": 1.0,
-                "batch1_ms": ms,
-                "batch32_ips": ips,
-            }
-        )
+        rows.append(_row("FP32", reference, reference, targets, ms, ips))
         for i, (label, reduce_range, keep, stem_float) in enumerate(VARIANTS):
             _log(f"quantising: {label}")
             out = work / f"v{i}.onnx"
@@ -158,15 +167,7 @@ def main() -> None:
             else:
                 _quantize(fp32, out, calib, reduce_range, keep, stem_float)
             logits, ms, ips = _measure(out, pixels, args.threads, args.repeats)
-            rows.append(
-                {
-                    "graph": label,
-                    "accuracy": float((logits.argmax(1) == targets).mean()),
-                    "agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
-                    "batch1_ms": ms,
-                    "batch32_ips": ips,
-                }
-            )
+            rows.append(_row(label, logits, reference, targets, ms, ips))
         if args.qat_images:
             # what `visionflow export --int8` tries first: the same quantiser on a copy
             # fine-tuned with the INT8 graph's rounding simulated
@@ -178,16 +179,11 @@ def main() -> None:
             source = export_classifier(tuned.model, pre, work / "qat.onnx")
             quantize_int8(source, work / "qat.int8.onnx", calib)
             logits, ms, ips = _measure(work / "qat.int8.onnx", pixels, args.threads, args.repeats)
-            rows.append(
-                {
-                    "graph": f"visionflow after a quantisation-aware fine-tune "
-                    f"({tuned.images} images, {tuned.epochs} epochs, {tuned.seconds:.0f} s)",
-                    "accuracy": float((logits.argmax(1) == targets).mean()),
-                    "agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
-                    "batch1_ms": ms,
-                    "batch32_ips": ips,
-                }
+            label = (
+                f"visionflow after a quantisation-aware fine-tune "
+                f"({tuned.images} images, {tuned.epochs} epochs, {tuned.seconds:.0f} s)"
             )
+            rows.append(_row(label, logits, reference, targets, ms, ips))
     cpu = cpu_info()
     print(f"Machine: {cpu['cpu']}, flags {', '.join(cpu['flags'])}; {len(pixels)} images\n")
     print("| graph | accuracy | agrees with FP32 | batch 1 p50 (ms) | batch 32 (images/s) |")

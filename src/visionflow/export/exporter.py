@@ -583,6 +583,7 @@ def _int8_graph(
     tried: list[dict[str, Any]] = []
     try:
         for kind, method, source in candidates:
+            weights = "quantisation-aware" if kind == "qat" else "post-training"
             out = work / f"int8.{kind}.{method}.onnx"
             settings = quantize_int8(source, out, calib_px, method=method)
             settings["weights_from"] = (
@@ -610,7 +611,7 @@ def _int8_graph(
             )
             tried.append(
                 {
-                    "weights": "quantisation-aware" if kind == "qat" else "post-training",
+                    "weights": weights,
                     "calibration": method,
                     "accuracy": q_acc,
                     **{k: entry[k] for k in ("val_accuracy", "top1_agreement_with_fp32")},
@@ -621,8 +622,10 @@ def _int8_graph(
                 out.replace(target)
             if entry["accepted"]:
                 break
-            what = "quantisation-aware" if kind == "qat" else f"post-training ({method})"
-            say(f"INT8 ({what}) loses {100 * entry['drop']:.1f} points; trying the next way")
+            say(
+                f"INT8 ({weights}, {method}) loses {100 * entry['drop']:.1f} points; trying the "
+                "next way"
+            )
     finally:
         for path in work.glob("int8.*.onnx"):
             path.unlink()

@@ -40,6 +40,7 @@ from torch.nn.utils import parametrize
 
 from visionflow.data.preprocess import Preprocessing
 from visionflow.errors import ExportError
+from visionflow.export.quantize import _pair_maxima, weight_kind
 
 __all__ = ["QATResult", "quantization_aware_finetune"]
 
@@ -67,14 +68,6 @@ class QATResult:
         }
 
 
-def _pair_maxima(w: torch.Tensor) -> torch.Tensor:
-    """Per output channel, the largest ``|w[2i]| + |w[2i+1]|`` over the flattened inputs."""
-    a = w.detach().abs().reshape(w.shape[0], -1)
-    if a.shape[1] % 2:
-        a = F.pad(a, (0, 1))
-    return (a[:, 0::2] + a[:, 1::2]).amax(dim=1)
-
-
 class _WeightRounding(nn.Module):
     """Per-output-channel symmetric rounding of a weight (a parametrisation): ``kind`` is
     ``"depthwise"`` / ``"full"`` (8-bit), ``"pair"`` (1x1 pair-bounded) or ``"reduced"`` (7-bit).
@@ -92,8 +85,9 @@ class _WeightRounding(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
-        if self.kind == "pair":
-            absmax = _pair_maxima(w)
+        if self.kind == "pair":  # the bound weight_overrides gives ONNX Runtime
+            rows = w.detach().reshape(w.shape[0], -1).cpu().numpy()
+            absmax = torch.from_numpy(_pair_maxima(rows)).to(w.device)
         else:
             absmax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1)
         qmax = 64 if self.kind == "reduced" else 127
@@ -136,14 +130,7 @@ def _weight_kind(module: nn.Module, full_range: bool) -> str:
     if full_range:
         return "full"
     if isinstance(module, nn.Conv2d):
-        if (
-            module.groups > 1
-            and module.groups == module.out_channels
-            and module.weight.shape[1] == 1
-        ):
-            return "depthwise"
-        if module.groups == 1 and tuple(module.kernel_size) == (1, 1):
-            return "pair"
+        return weight_kind(module.weight.shape, module.groups)
     return "reduced"
 
 
@@ -260,9 +247,7 @@ def quantization_aware_finetune(
     for p in student.parameters():
         p.requires_grad_(True)
     hooks, handles, rounded = _instrument(student, full_range)
-    optimizer = torch.optim.AdamW(
-        [p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.0
-    )
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
     labels = torch.from_numpy(np.asarray(targets, dtype=np.int64))
     steps, losses = 0, []

@@ -45,7 +45,13 @@ import numpy as np
 
 from visionflow.errors import ExportError
 
-__all__ = ["CALIBRATION_METHODS", "convert_fp16", "quantize_int8", "weight_overrides"]
+__all__ = [
+    "CALIBRATION_METHODS",
+    "convert_fp16",
+    "quantize_int8",
+    "weight_kind",
+    "weight_overrides",
+]
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
@@ -86,6 +92,18 @@ def _pair_maxima(rows: np.ndarray) -> np.ndarray:
     return np.asarray((a[:, 0::2] + a[:, 1::2]).max(axis=1))
 
 
+def weight_kind(shape: Sequence[int], group: int) -> str:
+    """How a convolution weight of ``shape`` (out, in / group, kh, kw) is quantised:
+    ``"depthwise"`` (8-bit), ``"pair"`` (1x1, pair-bounded) or ``"reduced"`` (7-bit, also any
+    weight that is not a 4-D convolution's). The one rule for :func:`weight_overrides` and the
+    quantisation-aware fine-tune (:mod:`visionflow.export.qat`)."""
+    if len(shape) == 4 and group > 1 and group == shape[0] and shape[1] == 1:
+        return "depthwise"
+    if len(shape) == 4 and group == 1 and tuple(shape[2:]) == (1, 1):
+        return "pair"
+    return "reduced"
+
+
 def weight_overrides(model: Any) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     """Per-weight quantisation ranges that no ``vpmaddubsw`` pair can saturate.
 
@@ -109,12 +127,10 @@ def weight_overrides(model: Any) -> tuple[dict[str, list[dict[str, Any]]], list[
             float_nodes.append(node.name)
             continue
         w = numpy_helper.to_array(weights[node.input[1]])
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        if w.ndim != 4:
-            continue
-        if group > 1 and group == w.shape[0] and w.shape[1] == 1:
+        kind = weight_kind(w.shape, next((a.i for a in node.attribute if a.name == "group"), 1))
+        if kind == "depthwise":
             overrides[node.input[1]] = [{"axis": 0, "reduce_range": False}]
-        elif group == 1 and w.shape[2:] == (1, 1):
+        elif kind == "pair":
             # symmetric int8 over [-bound, bound] has scale bound / 127, so every pair of
             # quantised weights sums to at most 127 + rounding = 128, and 255 x 128 < 2**15
             bound = np.maximum(_pair_maxima(w.reshape(w.shape[0], -1)), 1e-12)
