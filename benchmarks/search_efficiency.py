@@ -1,6 +1,7 @@
 """Search efficiency (issue 3): the time-budgeted search against the single run, and pruning.
 
-**A. Search vs single run at the same budget.** On scikit-learn's digits (the split of
+**A. Search vs single run at the same budget.** On scikit-learn's digits, or on the
+folder-per-class dataset of ``--data`` (such as ``emoji_data.py``'s), with the split of
 ``small_data.py``: ``--per-class`` images per class to train on, 24/6 train/validation at 30,
 and ``--test-per-class`` other images per class written to a separate test folder), with the
 same budget and seed:
@@ -11,12 +12,15 @@ same budget and seed:
 Both are scored on the held-out test folder with ``visionflow.load(run).evaluate(test)``; wall
 time (which should be within 10% of the budget) and the search's trial counts are reported.
 
-**B. Pruning.** The same search with ``pruner="hyperband"`` and ``pruner="none"``, no budget
-and a fixed number of trials, a small image size and a narrowed space so that fine-tune trials
-dominate (LP-FT only, 64 px, 4-8 epochs, ``tf_efficientnet_lite0``). Compute is the sum over
-trials of the images through the fine-tune's training steps (counted from the split, batch size
-and epochs; the trials' recorded ``train_images`` is shown beside it) and of the trials'
-seconds; the refit after the search is timed separately and not counted as search compute.
+**B. Pruning.** The same search with each pruner of ``--pruners`` (default: ``asha``, the
+default pruner, and ``none``), no budget and a fixed number of trials, a small image size and a
+narrowed space so that fine-tune trials dominate (LP-FT only, 64 px, 8-16 epochs,
+``tf_efficientnet_lite0``). Compute is the sum over trials of the images through the
+fine-tune's training steps (counted from the split, batch size and epochs; the trials' recorded
+``train_images`` is shown beside it) and of the trials' seconds; the refit after the search is
+timed separately and not counted as search compute. "To the common best" is the compute an arm
+had spent when its best score first reached the best that every arm reached (issue 3: "2x less
+compute for the same best score"); "train images" is all of its trials' compute.
 Wall and CPU seconds and the load average before/after each run go to the JSON: on a shared
 machine the image counts are the measure of compute that does not move with the load.
 
@@ -67,10 +71,24 @@ def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def write_split(root: Path, per_class: int, test_per_class: int, seed: int) -> tuple[Path, Path]:
-    """``root/train/<digit>/`` (``per_class`` images) and ``root/test/<digit>/``, the images of
-    ``small_data.py``'s split for ``seed`` (its train + val rows, and its test rows)."""
-    full = read_dataset(write_digits(root / "all"))
+def write_split(
+    root: Path, per_class: int, test_per_class: int, seed: int, data: Path | None = None
+) -> tuple[Path, Path]:
+    """``root/train/<class>/`` (``per_class`` images) and ``root/test/<class>/``, the images of
+    ``small_data.py``'s split for ``seed`` (its train + val rows, and its test rows), drawn from
+    the digits or from ``data`` (a folder-per-class dataset, copied first: the split's CSV is
+    written beside the images)."""
+    if data is None:
+        write_digits(root / "all")
+    elif not (root / "all").is_dir():
+        shutil.copytree(data, root / "all")
+    full = read_dataset(root / "all")
+    short = [c for c, n in full.counts().items() if n < per_class + test_per_class]
+    if short:
+        raise SystemExit(
+            f"{data}: classes {short} have fewer than --per-class + --test-per-class "
+            f"= {per_class + test_per_class} images"
+        )
     index = read_dataset(_subset(full, per_class, test_per_class, seed))
     train_dir, test_dir = root / f"seed{seed}" / "train", root / f"seed{seed}" / "test"
     for folder in (train_dir, test_dir):
@@ -113,18 +131,38 @@ def _trials(run_dir: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["number"])
 
 
-def _counted_images(run_dir: Path, trials: list[dict[str, Any]]) -> int:
-    """Images through the fine-tune's training steps, counted from the split and each trial's
-    batch size and epochs (the training loader drops the last partial batch when the training
-    set is larger than a batch). The trials' own ``train_images`` is rate x epoch seconds, and
-    an epoch's seconds include its validation pass, so it reads a little high."""
+def _trial_images(run_dir: Path, trials: list[dict[str, Any]]) -> list[int]:
+    """Images through each trial's fine-tune training steps, counted from the split and the
+    trial's batch size and epochs (the training loader drops the last partial batch when the
+    training set is larger than a batch). The trials' own ``train_images`` is rate x epoch
+    seconds, and an epoch's seconds include its validation pass, so it reads a little high."""
     n = len(json.loads((run_dir / "split.json").read_text())["train"])
-    total = 0
+    out = []
     for t in trials:
         bs = t["batch_size"] or n
         per_epoch = (n // bs) * bs if n > bs else n
-        total += per_epoch * int(t["info"].get("epochs", 0))
-    return total
+        out.append(per_epoch * int(t["info"].get("epochs", 0)))
+    return out
+
+
+def _best_so_far(trials: list[dict[str, Any]], images: list[int]) -> list[list[float]]:
+    """``[cumulative images, best completed value]`` after each trial, in trial order (one
+    worker: the order they ran). Only completed trials count, as in the study's best."""
+    curve, total, best = [], 0, None
+    for t, n in zip(trials, images, strict=True):
+        total += n
+        if t["state"] == "complete" and t["value"] is not None:
+            best = t["value"] if best is None else max(best, t["value"])
+        curve.append([float(total), best])
+    return curve
+
+
+def images_to_reach(curve: list[list[float]], target: float) -> float | None:
+    """The images an arm had spent when its best completed score first reached ``target``."""
+    for images, best in curve:
+        if best is not None and best >= target - 1e-9:
+            return images
+    return None
 
 
 def _machine_load() -> list[float]:
@@ -206,8 +244,8 @@ def pruning(
     work: Path,
     seed: int,
     trials: int,
-    epochs: tuple[int, int] = (4, 8),
-    pruners: tuple[str, ...] = ("hyperband", "none"),
+    epochs: tuple[int, int] = (8, 16),
+    pruners: tuple[str, ...] = ("asha", "none"),
 ) -> dict[str, Any]:
     space = {**PRUNING_SPACE, "epochs": {"low": epochs[0], "high": epochs[1]}}
     out: dict[str, Any] = {"seed": seed, "trials": trials, "space": space, "pruners": pruners}
@@ -220,12 +258,14 @@ def pruning(
         wall, cpu = time.monotonic() - t0, time.process_time() - c0
         rows = _trials(run_dir)
         done = [r for r in rows if r["state"] in ("complete", "pruned")]
+        images = _trial_images(run_dir, done)
         out[pruner] = {
             **_search_summary(run_dir),
             "wall_seconds": wall,
             "cpu_seconds": cpu,
             "load_average": [load0, _machine_load()],
-            "train_images": _counted_images(run_dir, done),
+            "train_images": sum(images),
+            "best_so_far": _best_so_far(done, images),
             "train_images_recorded": sum(int(r["info"].get("train_images", 0)) for r in done),
             "epochs": sum(int(r["info"].get("epochs", 0)) for r in done),
             "trial_seconds": sum(float(r["info"].get("seconds", 0.0)) for r in done),
@@ -276,24 +316,42 @@ def table_a(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _common_best(r: dict[str, Any], names: list[str]) -> float | None:
+    """The best score every arm of a seed reached: the lowest of their bests."""
+    bests = [r[n]["best_value"] for n in names]
+    return None if None in bests else min(bests)
+
+
 def table_b(results: list[dict[str, Any]]) -> str:
+    """One row per arm and a ratio row per arm against ``none``. "To the common best": the
+    images an arm had spent (trials in the order they ran) when its best completed score first
+    reached the best that all arms of the seed reached, the "compute for the same best score"
+    of issue 3; the train-images column is all the trials' images."""
     lines = [
         "| seed | pruner | trials | fine-tune epochs | train images (counted / recorded) | "
-        "trial seconds | search wall / CPU | best val | refit test |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        "to the common best | trial seconds | search wall / CPU | best val | refit test |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
-    def ratio(a: float, b: float) -> str:
-        return f"{a / b:.2f}x" if b else "-"
+    def ratio(a: float | None, b: float | None) -> str:
+        return f"{a / b:.2f}x" if a is not None and b else "-"
 
     for r in results:
         names = list(r.get("pruners") or ("hyperband", "none"))
+        target = _common_best(r, names)
+        reach: dict[str, float | None] = {}
         for name in names:
             x = r[name]
+            curve = x.get("best_so_far")
+            if curve is None or target is None:
+                reach[name] = None
+            else:
+                reach[name] = images_to_reach(curve, target)
             lines.append(
                 f"| {r['seed']} | {name} | {_counts(x['counts'])} | {x['epochs']} | "
                 f"{x['train_images']:,} / {x['train_images_recorded']:,} | "
-                f"{x['trial_seconds']:.0f} s | {x['search_seconds']:.0f} s / "
+                + ("-" if reach[name] is None else f"{reach[name]:,.0f} ({_pct(target)})")
+                + f" | {x['trial_seconds']:.0f} s | {x['search_seconds']:.0f} s / "
                 f"{x['cpu_seconds']:.0f} s | {_pct(x['best_value'])} | "
                 f"{_pct(x['test_accuracy'])} |"
             )
@@ -309,10 +367,14 @@ def table_b(results: list[dict[str, Any]]) -> str:
                 k: arm[k] / none[k] if none[k] else None
                 for k in ("epochs", "train_images", "trial_seconds", "search_seconds")
             }
+            r["ratio"][name]["to_common_best"] = (
+                reach[name] / reach["none"] if reach[name] and reach["none"] else None
+            )
             delta_val = 100 * ((arm["best_value"] or 0) - (none["best_value"] or 0))
             lines.append(
                 f"| {r['seed']} | **{name} / none** | | {ratio(arm['epochs'], none['epochs'])} | "
                 f"{ratio(arm['train_images'], none['train_images'])} | "
+                f"{ratio(reach[name], reach['none'])} | "
                 f"{ratio(arm['trial_seconds'], none['trial_seconds'])} | "
                 f"{ratio(arm['search_seconds'], none['search_seconds'])} wall | "
                 f"{delta_val:+.1f} pt | "
@@ -321,10 +383,30 @@ def table_b(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _join_arms(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Part B's results per seed, with the arms of runs made apart (one pruner each) joined."""
+    joined: dict[int, dict[str, Any]] = {}
+    for r in results:
+        seed = joined.setdefault(r["seed"], {**r, "pruners": []})
+        for name in r["pruners"]:
+            seed[name] = r[name]
+            if name not in seed["pruners"]:
+                seed["pruners"].append(name)
+    for r in joined.values():  # "none" last, as in one run
+        r["pruners"].sort(key=lambda name: name == "none")
+    return [joined[s] for s in sorted(joined)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", default="5m", help="part A's budget for both runs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a folder-per-class dataset instead of the digits (e.g. benchmarks/emoji_data.py's)",
+    )
     parser.add_argument("--per-class", type=int, default=30)
     parser.add_argument("--test-per-class", type=int, default=30)
     parser.add_argument("--trials", type=int, default=12, help="part B's trials per pruner")
@@ -332,28 +414,36 @@ def main() -> None:
         "--prune-epochs",
         type=int,
         nargs=2,
-        default=[4, 8],
+        default=[8, 16],
         metavar=("LOW", "HIGH"),
         help="part B's range of fine-tune epochs per trial",
     )
     parser.add_argument(
         "--pruners",
         nargs="+",
-        default=["hyperband", "none"],
+        default=["asha", "none"],
         choices=typing.get_args(SearchConfig.model_fields["pruner"].annotation),
         help="part B's arms (each compared with none when none is one of them)",
     )
     parser.add_argument("--only", choices=["single-vs-search", "pruning"], default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--work", type=Path, default=None, help="keep the runs here")
-    parser.add_argument("--tables", type=Path, default=None, help="reprint the tables of a JSON")
+    parser.add_argument(
+        "--tables",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="reprint the tables of JSONs (part B's arms of one seed, run apart, are joined)",
+    )
     args = parser.parse_args()
     if args.tables is not None:
-        saved = json.loads(args.tables.read_text())
-        if saved["single_vs_search"]:
-            print(table_a(saved["single_vs_search"]) + "\n")
-        if saved["pruning"]:
-            print(table_b(saved["pruning"]))
+        saved = [json.loads(path.read_text()) for path in args.tables]
+        runs = [r for x in saved for r in x["single_vs_search"]]
+        if runs:
+            print(table_a(runs) + "\n")
+        arms = _join_arms([r for x in saved for r in x["pruning"]])
+        if arms:
+            print(table_b(arms))
         return
     threads = configure_threads()
     work = args.work or Path(tempfile.mkdtemp(prefix="vf-search-bench-"))
@@ -373,7 +463,9 @@ def main() -> None:
         "pruning": [],
     }
     for seed in args.seeds:
-        train_dir, test_dir = write_split(data_root, args.per_class, args.test_per_class, seed)
+        train_dir, test_dir = write_split(
+            data_root, args.per_class, args.test_per_class, seed, args.data
+        )
         if args.only in (None, "single-vs-search"):
             results["single_vs_search"].append(
                 single_vs_search(train_dir, test_dir, work, seed, args.budget)
