@@ -14,8 +14,8 @@ time (which should be within 10% of the budget) and the search's trial counts ar
 
 **B. Pruning.** The same search with each pruner of ``--pruners`` (default: ``asha``, the
 default pruner, and ``none``), no budget and a fixed number of trials, a small image size and a
-narrowed space so that fine-tune trials dominate (LP-FT only, 64 px, 8-16 epochs,
-``tf_efficientnet_lite0``). Compute is the sum over trials of the images through the
+narrowed space so that fine-tune trials dominate (LP-FT only, ``tf_efficientnet_lite0``,
+8-16 epochs, 64 px unless ``--prune-img-size``). Compute is the sum over trials of the images through the
 fine-tune's training steps (counted from the split, batch size and epochs; the trials' recorded
 ``train_images`` is shown beside it) and of the trials' seconds; the refit after the search is
 timed separately and not counted as search compute. "To the common best" is the compute an arm
@@ -246,8 +246,9 @@ def pruning(
     trials: int,
     epochs: tuple[int, int] = (8, 16),
     pruners: tuple[str, ...] = ("asha", "none"),
+    img_size: int = 64,
 ) -> dict[str, Any]:
-    space = {**PRUNING_SPACE, "epochs": {"low": epochs[0], "high": epochs[1]}}
+    space = {**PRUNING_SPACE, "img_size": img_size, "epochs": {"low": epochs[0], "high": epochs[1]}}
     out: dict[str, Any] = {"seed": seed, "trials": trials, "space": space, "pruners": pruners}
     for pruner in pruners:
         _log(f"B seed {seed}: {trials} trials, pruner {pruner}")
@@ -419,6 +420,9 @@ def main() -> None:
         help="part B's range of fine-tune epochs per trial",
     )
     parser.add_argument(
+        "--prune-img-size", type=int, default=64, help="part B's image size (pinned)"
+    )
+    parser.add_argument(
         "--pruners",
         nargs="+",
         default=["asha", "none"],
@@ -480,6 +484,7 @@ def main() -> None:
                     args.trials,
                     tuple(args.prune_epochs),
                     tuple(args.pruners),
+                    args.prune_img_size,
                 )
             )
         if args.out is not None:  # after every seed: a crash later keeps what was measured

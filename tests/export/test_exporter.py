@@ -138,6 +138,12 @@ def test_export_errors(trained_run, tmp_path):
         load_bundle(tmp_path / "plain", graph="int8")
     with pytest.raises(ExportError, match="qat_images and qat_epochs must be at least 1"):
         export_run(trained_run, tmp_path / "q.vfb", int8=True, qat_epochs=0)
+    # the CLI refuses it as a usage error, before anything is written
+    result = CliRunner().invoke(
+        app, ["export", str(trained_run), "--out", str(tmp_path / "c.vfb"), "--qat-epochs", "0"]
+    )
+    assert result.exit_code == 2 and "--qat-epochs" in result.output
+    assert not (tmp_path / "c.vfb").exists()
 
 
 def test_int8_without_the_quantisation_aware_fine_tune(trained_run, tmp_path):

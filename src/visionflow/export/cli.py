@@ -47,15 +47,13 @@ def export(
         ),
     ] = True,
     qat_images: Annotated[
-        int, typer.Option(help="Training images for the quantisation-aware fine-tune.")
+        int, typer.Option(min=1, help="Training images for the quantisation-aware fine-tune.")
     ] = 512,
-    qat_epochs: Annotated[int, typer.Option(help="Its passes over them.")] = 2,
+    qat_epochs: Annotated[int, typer.Option(min=1, help="Its passes over them.")] = 2,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Export a trained run as a verified model bundle (ONNX, optional INT8/FP16)."""
-    if qat_images < 1 or qat_epochs < 1:
-        raise typer.BadParameter("--qat-images and --qat-epochs must be at least 1")
     from visionflow.export.exporter import export_run
 
     result = export_run(
