@@ -15,12 +15,13 @@ time (which should be within 10% of the budget) and the search's trial counts ar
 **B. Pruning.** The same search with each pruner of ``--pruners`` (default: ``asha``, the
 default pruner, and ``none``), no budget and a fixed number of trials, a small image size and a
 narrowed space so that fine-tune trials dominate (LP-FT only, ``tf_efficientnet_lite0``,
-8-16 epochs, 64 px unless ``--prune-img-size``). Compute is the sum over trials of the images through the
-fine-tune's training steps (counted from the split, batch size and epochs; the trials' recorded
-``train_images`` is shown beside it) and of the trials' seconds; the refit after the search is
-timed separately and not counted as search compute. "To the common best" is the compute an arm
-had spent when its best score first reached the best that every arm reached (issue 3: "2x less
-compute for the same best score"); "train images" is all of its trials' compute.
+8-16 epochs, 64 px unless ``--prune-img-size``). Compute is the sum over trials of the images
+through the fine-tune's training steps (counted from the split, batch size and epochs; the
+trials' recorded ``train_images`` is shown beside it) and of the trials' seconds; the refit
+after the search is timed separately and not counted as search compute. "To the common
+best" is the compute an arm had spent when its best score first reached the best that every
+arm reached (issue 3: "2x less compute for the same best score"); "train images" is all of its
+trials' compute.
 Wall and CPU seconds and the load average before/after each run go to the JSON: on a shared
 machine the image counts are the measure of compute that does not move with the load.
 
