@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import timm
 import torch
@@ -102,6 +104,36 @@ def test_frozen_backbone_is_not_updated():
     assert result.history[0]["frozen"] is True
     for k, v in model.backbone.state_dict().items():
         assert torch.equal(before[k], v), k
+
+
+def _rates(engine, steps):
+    optimizer = torch.optim.AdamW(engine._param_groups(), lr=1.0)
+    scheduler = engine._scheduler(optimizer, steps_per_epoch=10)
+    out = []
+    for _ in range(steps):
+        out.append({g["tag"]: g["lr"] for g in optimizer.param_groups})
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+def test_a_frozen_backbone_warms_up_when_it_starts_training():
+    model, task = _model()
+    cfg = dict(epochs=6, lr=1e-3, backbone_lr=1e-4, warmup_epochs=1, min_lr_ratio=0.01)
+    frozen = _rates(Engine(model, task, _cfg(**cfg, freeze_epochs=2)), 60)
+    plain = _rates(Engine(model, task, _cfg(**cfg)), 60)
+    assert [r["head"] for r in frozen] == [r["head"] for r in plain]  # the head: unchanged
+    backbone = [r["backbone.0"] for r in frozen]
+    assert backbone[:20] == [0.0] * 20  # frozen: epochs 0 and 1
+    # from the first unfrozen step: a ramp over one epoch, under the shared cosine decay,
+    # instead of the full rate (what a warm-up counted from step 0 left it)
+    assert backbone[20] == pytest.approx(plain[20]["backbone.0"] / 11)
+    assert all(b > a for a, b in itertools.pairwise(backbone[20:31]))
+    assert backbone[30:] == pytest.approx([r["backbone.0"] for r in plain[30:]])
+    # no frozen epochs: the backbone follows the one schedule, as before
+    assert [r["backbone.0"] for r in plain][:10] == pytest.approx(
+        [1e-4 * (s + 1) / 11 for s in range(10)]
+    )
 
 
 def test_mixup_cutmix_and_callback_stop():
