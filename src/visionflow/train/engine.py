@@ -190,7 +190,7 @@ class Engine:
                 return 0.0
             return min(1.0, (since + 1) / (warmup + 1)) * decay(max(step, warmup))
 
-        lambdas = [
+        lambdas: list[Callable[[int], float]] = [
             backbone_factor if str(g.get("tag", "")).startswith("backbone") else factor
             for g in optimizer.param_groups
         ]
