@@ -182,7 +182,7 @@ class Engine:
             # A frozen backbone warms up from the step it starts training, on the same decay.
             # Counted from step 0, its warm-up was spent while it could not move and it started
             # at the full rate: measured on digits (LP-FT, 1-3 frozen epochs, lr 2e-4 to 6e-4),
-            # validation fell from the probe's 92 % to 10-50 % in the first unfrozen epoch.
+            # validation fell from the probe's 92 % to 10-29 % in the first unfrozen epoch.
             if unfreeze <= 0:
                 return factor(step)
             since = step - unfreeze
