@@ -183,15 +183,14 @@ class Engine:
             # Counted from step 0, its warm-up was spent while it could not move and it started
             # at the full rate: measured on digits (LP-FT, 1-3 frozen epochs, lr 2e-4 to 6e-4),
             # validation fell from the probe's 92 % to 10-29 % in the first unfrozen epoch.
-            if unfreeze <= 0:
-                return factor(step)
             since = step - unfreeze
             if since < 0:
                 return 0.0
             return min(1.0, (since + 1) / (warmup + 1)) * decay(max(step, warmup))
 
+        backbone = backbone_factor if unfreeze > 0 else factor
         lambdas: list[Callable[[int], float]] = [
-            backbone_factor if str(g.get("tag", "")).startswith("backbone") else factor
+            backbone if str(g.get("tag", "")).startswith("backbone") else factor
             for g in optimizer.param_groups
         ]
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
